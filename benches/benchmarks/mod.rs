@@ -1,0 +1,2 @@
+//! One module per topic.
+pub(crate) mod hook;

@@ -1,0 +1,1 @@
+//! Helpers shared by the lora-rs example programs (see `examples/*/main.rs`).

@@ -1,0 +1,72 @@
+//! The error type shared by the lora-rs crates.
+
+use std::path::PathBuf;
+
+/// Errors from lora-core and the crates built on it (lora-optim, lora-loss, lora-models
+/// re-export this type).
+///
+/// Variants carry the context a user needs to fix the problem: the file, the tensor key, the
+/// module path, what was expected and what was found.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    // --- Configuration -------------------------------------------------------------------
+    /// A configuration value is out of range or inconsistent.
+    #[error("invalid config `{key}`: {reason}")]
+    Config {
+        /// The offending key (dotted for nested configs).
+        key: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    // --- Tensors ---------------------------------------------------------------------------
+    /// A tensor has the wrong shape.
+    #[error("shape mismatch for `{name}`: expected {expected:?}, got {actual:?}")]
+    Shape {
+        /// Tensor key or module path.
+        name: String,
+        /// Expected shape.
+        expected: Vec<i64>,
+        /// Actual shape.
+        actual: Vec<i64>,
+    },
+    /// A tensor cannot be used as asked (wrong kind, not a leaf, no grad, ...).
+    #[error("tensor `{name}`: {reason}")]
+    Tensor {
+        /// Tensor key or module path.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    // --- Files -----------------------------------------------------------------------------
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file's contents are malformed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    // --- Backends --------------------------------------------------------------------------
+    /// An error raised by libtorch through tch.
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+    /// An error raised by the native shim (libtorch's C++ API).
+    #[error("native shim: {0}")]
+    Native(String),
+}
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,2 @@
+//! lora-core integration tests: one binary (links libtorch once).
+mod hook;

@@ -1,0 +1,3 @@
+//! Diffusion model families for LoRA training (work in progress: see issue 7).
+
+pub use lora_core::{Error, Result};
