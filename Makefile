@@ -16,8 +16,11 @@ test:
 	cargo clippy --workspace --all-targets -- -D warnings && \
 	cargo test --workspace
 
+# Placeholder until the trainer (issue 8) lands: says so and fails, rather than pretend.
 demo:
-	@$(ENV) && cargo run --release -p lora-examples --example demo
+	@echo "make demo: not available yet: the kohya-style trainer (issue 8) has not landed." >&2
+	@echo "What works today is listed under Status in README.md; run 'make test'." >&2
+	@exit 1
 
 fmt:
 	@$(ENV) && cargo fmt --all

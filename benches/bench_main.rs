@@ -3,4 +3,10 @@ use criterion::criterion_main;
 
 mod benchmarks;
 
-criterion_main!(benchmarks::hook::benches);
+criterion_main!(
+    benchmarks::data::benches,
+    benchmarks::hook::benches,
+    benchmarks::lora_linear::benches,
+    benchmarks::loss::benches,
+    benchmarks::sd15::benches
+);

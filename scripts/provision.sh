@@ -39,7 +39,7 @@ rm -rf "$venv"
 # shellcheck disable=SC2086
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
     ${LORA_RS_TORCH_INDEX:-} "torch==$TORCH_VERSION" >&2
-"$venv/bin/python" - >&2 <<'PY'
+"$venv/bin/python" -W ignore - >&2 <<'PY'
 import torch, os
 lib = os.path.join(os.path.dirname(torch.__file__), "lib")
 assert os.path.exists(os.path.join(lib, "libtorch_cpu.so")), lib

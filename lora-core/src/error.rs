@@ -20,6 +20,24 @@ pub enum Error {
         reason: String,
     },
 
+    // --- Targets and module paths -------------------------------------------------------
+    /// Two layers were built at the same module path (tch would silently rename the second
+    /// to `name__N`, and its adapter keys would then match no other tool's).
+    #[error("module path `{path}` was built twice")]
+    DuplicatePath {
+        /// The dotted module path.
+        path: String,
+    },
+    /// Target patterns, rules or file keys that matched nothing, or targeted modules left
+    /// without weights. Never a silent no-op: every item is listed.
+    #[error("{what}: {}", items.join(", "))]
+    Unmatched {
+        /// What the items are (`include patterns that matched no module`, ...).
+        what: String,
+        /// The offending patterns, keys or module paths.
+        items: Vec<String>,
+    },
+
     // --- Tensors ---------------------------------------------------------------------------
     /// A tensor has the wrong shape.
     #[error("shape mismatch for `{name}`: expected {expected:?}, got {actual:?}")]

@@ -1,2 +1,8 @@
 //! lora-core integration tests: one binary (links libtorch once).
+mod adapters;
+mod common;
+mod files;
 mod hook;
+mod laws;
+mod peft_golden;
+mod selection;

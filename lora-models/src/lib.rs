@@ -1,3 +1,57 @@
-//! Diffusion model families for LoRA training (work in progress: see issue 7).
+//! Diffusion model families for LoRA training, built on tch.
+//!
+//! Every model is constructed on an `nn::Path` whose sub-paths equal the upstream (diffusers /
+//! transformers) state-dict keys, and builds each Linear and Conv2d through a
+//! [`lora_core::LayerFactory`]: that is where LoRA adapters are injected, at construction time,
+//! and why the module paths seen by target rules and written to LoRA files are the names users
+//! already know (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`).
+//!
+//! # Brief overview
+//!
+//! - [`UNet2DConditionModel`] / [`UNetConfig`]: the SD 1.x / 2.x denoiser, presets
+//!   [`UNetConfig::sd15`], [`UNetConfig::sd21_base`], [`UNetConfig::sd21_v`].
+//! - [`AutoencoderKL`] / [`VaeConfig`]: the VAE (encoder, decoder, scaling factor).
+//! - [`ClipTextModel`] / [`ClipTextConfig`]: the CLIP text encoder with `clip_skip`;
+//!   [`ClipTokenizer`]: its BPE tokenizer (merges embedded) with kohya's long-prompt chunks.
+//! - [`DiffusersFolder`] / [`SingleFile`]: weights from a diffusers folder or an original
+//!   single-file checkpoint; [`keys`] is the LDM ↔ diffusers key registry.
+//! - [`StateDict`]: strict safetensors loading (missing / unexpected keys and shape mismatches
+//!   are errors that list them; dtypes are converted to the model's).
+//!
+//! # Error policy
+//!
+//! Files and configs are checked with fallible operations and reported as a typed [`Error`]
+//! naming the file, key or module path. Inside `forward`, shapes that do not fit the model are
+//! programmer errors and panic with the module name and the shapes.
 
+// Constructors take `nn::Path` by value, as tch's own layer constructors do, so that call sites
+// read `Block::new(&vs / "resnets" / i, ..)` like `nn::linear(&vs / "to_q", ..)`.
+#![allow(clippy::needless_pass_by_value)]
+// Blocks are shared with the gradient-checkpointing node through `Arc` (see
+// `sd/checkpoint.rs`, `SendBlock`): libtorch may run backward on another thread, so the
+// reference count must be atomic even though `Box<dyn ModuleT>` is not declared `Send`.
+#![allow(clippy::arc_with_non_send_sync)]
+
+mod checkpoint_files;
+mod clip;
+mod json;
+pub mod keys;
+mod sd;
+mod util;
+mod weights;
+
+pub use checkpoint_files::{DiffusersFolder, SingleFile};
+pub use clip::config::{ClipActivation, ClipTextConfig};
+pub use clip::text_model::{ClipTextModel, ClipTextOutput};
+pub use clip::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
 pub use lora_core::{Error, Result};
+pub use sd::checkpoint::Checkpointing;
+pub use sd::config::{DownBlockType, PredictionType, UNetConfig, UpBlockType};
+pub use sd::unet::UNet2DConditionModel;
+pub use sd::vae::{AutoencoderKL, LatentDist, VaeConfig};
+pub use weights::StateDict;
+
+/// kohya's LoRA target preset for SD 1.x / 2.x.
+pub mod targets {
+    pub use crate::sd::targets::{kohya_name, kohya_sd_target, KohyaRank, LayerShape, SdPart};
+}

@@ -1,0 +1,263 @@
+//! Strict loading of safetensors state dicts into a `VarStore`.
+//!
+//! A model is built first (its `VarStore` then holds every parameter under its upstream
+//! state-dict key), and the file is copied in afterwards. Unlike `VarStore::load`, every
+//! mismatch is an error that lists what is wrong: keys the model needs but the file lacks,
+//! keys the file has but the model does not know, and shape mismatches naming the key and both
+//! shapes. Each tensor is converted to the dtype of the variable it lands in, so an f16 file
+//! loads into an f32 model and an f32 file into a bf16 one (`VarStore::set_kind` first).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use tch::{nn::VarStore, Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// How many keys an error message lists before it only counts the rest.
+const LISTED_KEYS: usize = 24;
+
+/// The tensors of one safetensors file, by key, in the file's dtypes.
+#[derive(Debug)]
+pub struct StateDict {
+    path: PathBuf,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl StateDict {
+    /// Reads every tensor of a safetensors file (CPU, file dtype).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be read, [`Error::File`] when it is not a valid
+    /// safetensors file or holds a dtype libtorch has no kind for.
+    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let bytes =
+            std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::File {
+            path: path.clone(),
+            reason: format!("not safetensors: {e}"),
+        })?;
+        let mut tensors = BTreeMap::new();
+        for (key, view) in st.tensors() {
+            let kind = kind_of(view.dtype()).ok_or_else(|| Error::File {
+                path: path.clone(),
+                reason: format!("tensor `{key}` has unsupported dtype {:?}", view.dtype()),
+            })?;
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+            tensors.insert(key, tensor);
+        }
+        Ok(Self { path, tensors })
+    }
+
+    /// A state dict from tensors in memory; `source` names it in error messages.
+    pub fn from_tensors(
+        source: impl Into<PathBuf>,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+    ) -> Self {
+        Self { path: source.into(), tensors: tensors.into_iter().collect() }
+    }
+
+    /// The file these tensors came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The keys, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The tensor stored under `key`.
+    pub fn get(&self, key: &str) -> Option<&Tensor> {
+        self.tensors.get(key)
+    }
+
+    /// Consumes the state dict, yielding its tensors by key.
+    pub fn into_tensors(self) -> BTreeMap<String, Tensor> {
+        self.tensors
+    }
+
+    /// Copies every tensor into the variable of `vs` with the same name, converting dtypes.
+    ///
+    /// # Errors
+    /// [`Error::File`] listing the missing and unexpected keys when the key sets differ (nothing
+    /// is copied then); [`Error::Shape`] naming the key and both shapes on the first shape
+    /// mismatch.
+    pub fn load_into(&self, vs: &VarStore) -> Result<()> {
+        let vars = vs.variables();
+        check_keys(&self.path, vars.keys().map(String::as_str), self.keys())?;
+        copy_checked(&self.path, &vars, self.tensors.iter().map(|(k, t)| (k.as_str(), t)))
+    }
+}
+
+/// Errors unless `expected` (the model's keys) and `found` (the file's) are the same set.
+pub(crate) fn check_keys<'a>(
+    path: &Path,
+    expected: impl Iterator<Item = &'a str>,
+    found: impl Iterator<Item = &'a str>,
+) -> Result<()> {
+    let expected: std::collections::BTreeSet<&str> = expected.collect();
+    let found: std::collections::BTreeSet<&str> = found.collect();
+    let missing: Vec<&str> = expected.difference(&found).copied().collect();
+    let unexpected: Vec<&str> = found.difference(&expected).copied().collect();
+    if missing.is_empty() && unexpected.is_empty() {
+        return Ok(());
+    }
+    let mut reason = String::from("state dict does not match the model:");
+    for (what, keys) in [("missing", &missing), ("unexpected", &unexpected)] {
+        if keys.is_empty() {
+            continue;
+        }
+        let shown = keys.iter().take(LISTED_KEYS).map(|k| format!("`{k}`")).collect::<Vec<_>>();
+        reason.push_str(&format!(" {} {what} key(s): {}", keys.len(), shown.join(", ")));
+        if keys.len() > LISTED_KEYS {
+            reason.push_str(&format!(", ... ({} more)", keys.len() - LISTED_KEYS));
+        }
+        reason.push(';');
+    }
+    reason.pop();
+    Err(Error::File { path: path.to_path_buf(), reason })
+}
+
+/// Copies tensors into the same-named variables after checking every shape first.
+pub(crate) fn copy_checked<'a>(
+    path: &Path,
+    vars: &HashMap<String, Tensor>,
+    tensors: impl Iterator<Item = (&'a str, &'a Tensor)> + Clone,
+) -> Result<()> {
+    for (key, src) in tensors.clone() {
+        let dst = vars.get(key).ok_or_else(|| Error::File {
+            path: path.to_path_buf(),
+            reason: format!("unexpected key `{key}`"),
+        })?;
+        if dst.size() != src.size() {
+            return Err(Error::Shape {
+                name: format!("{}: {key}", path.display()),
+                expected: dst.size(),
+                actual: src.size(),
+            });
+        }
+    }
+    tch::no_grad(|| {
+        for (key, src) in tensors {
+            let mut dst = vars[key].shallow_clone();
+            dst.f_copy_(src)?;
+        }
+        Ok(())
+    })
+}
+
+/// libtorch's kind for a safetensors dtype.
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F64 => Kind::Double,
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        Dtype::F8_E4M3 => Kind::Float8e4m3fn,
+        Dtype::F8_E5M2 => Kind::Float8e5m2,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn, Device};
+
+    fn model() -> VarStore {
+        let vs = VarStore::new(Device::Cpu);
+        let _ = nn::linear(vs.root() / "proj", 3, 2, Default::default());
+        vs
+    }
+
+    #[test]
+    fn loads_and_converts_dtype() {
+        let w = Tensor::from_slice(&[1.5f32, -2.0, 0.25, 4.0, 5.0, 6.0]).reshape([2, 3]);
+        let sd = StateDict::from_tensors(
+            "mem",
+            [
+                ("proj.weight".to_string(), w.to_kind(Kind::Half)),
+                ("proj.bias".to_string(), Tensor::from_slice(&[7.0f64, 8.0])),
+            ],
+        );
+        let vs = model();
+        sd.load_into(&vs).unwrap();
+        let vars = vs.variables();
+        assert_eq!(vars["proj.weight"].kind(), Kind::Float);
+        assert!(vars["proj.weight"].equal(&w));
+        assert_eq!(Vec::<f32>::try_from(&vars["proj.bias"]).unwrap(), vec![7.0, 8.0]);
+    }
+
+    #[test]
+    fn lists_missing_and_unexpected_keys() {
+        let sd = StateDict::from_tensors(
+            "x.safetensors",
+            [
+                ("proj.weight".to_string(), Tensor::zeros([2, 3], (Kind::Float, Device::Cpu))),
+                ("proj.bais".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))),
+            ],
+        );
+        let err = sd.load_into(&model()).unwrap_err().to_string();
+        assert!(err.contains("1 missing key(s): `proj.bias`"), "{err}");
+        assert!(err.contains("1 unexpected key(s): `proj.bais`"), "{err}");
+        assert!(err.starts_with("x.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn shape_mismatch_names_key_and_shapes() {
+        let sd = StateDict::from_tensors(
+            "x.safetensors",
+            [
+                ("proj.weight".to_string(), Tensor::zeros([3, 2], (Kind::Float, Device::Cpu))),
+                ("proj.bias".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))),
+            ],
+        );
+        let vs = model();
+        let before = vs.variables()["proj.bias"].copy();
+        match sd.load_into(&vs).unwrap_err() {
+            Error::Shape { name, expected, actual } => {
+                assert_eq!(name, "x.safetensors: proj.weight");
+                assert_eq!((expected, actual), (vec![2, 3], vec![3, 2]));
+            }
+            e => panic!("wrong error {e}"),
+        }
+        // Nothing was copied: the check runs before any write.
+        assert!(vs.variables()["proj.bias"].equal(&before));
+    }
+
+    #[test]
+    fn reads_safetensors_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).to_kind(Kind::BFloat16);
+        Tensor::write_safetensors(&[("a", &w)], &path).unwrap();
+        let sd = StateDict::read(&path).unwrap();
+        assert_eq!(sd.keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(sd.get("a").unwrap().kind(), Kind::BFloat16);
+        assert!(sd.get("a").unwrap().equal(&w));
+        let err = StateDict::read(dir.path().join("nope.safetensors")).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }));
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(matches!(StateDict::read(&path).unwrap_err(), Error::File { .. }));
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests of lora-models (one binary, see `autotests = false`).
+
+mod checkpointing;
+mod common;
+mod lora;
+mod parity;
+mod targets;
+mod tokenizer;
