@@ -8,5 +8,6 @@ criterion_main!(
     benchmarks::hook::benches,
     benchmarks::lora_linear::benches,
     benchmarks::loss::benches,
+    benchmarks::optim::benches,
     benchmarks::sd15::benches
 );

@@ -77,6 +77,20 @@ pub enum Error {
         reason: String,
     },
 
+    // --- Training -------------------------------------------------------------------------
+    /// The training loop stopped: a non-finite loss, or a checkpoint that does not fit the run.
+    #[error("training stopped at step {step}: {reason}")]
+    Training {
+        /// Optimizer steps completed when it stopped.
+        step: u64,
+        /// Why.
+        reason: String,
+    },
+
+    /// An error from a data source (lora-data's errors, or an application's own).
+    #[error(transparent)]
+    Data(Box<dyn std::error::Error + Send + Sync>),
+
     // --- Backends --------------------------------------------------------------------------
     /// An error raised by libtorch through tch.
     #[error(transparent)]

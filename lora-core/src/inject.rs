@@ -1,7 +1,7 @@
 //! `Injector`: the [`LayerFactory`] that adds adapters where the target rules say.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -31,6 +31,7 @@ pub struct Injector<'a> {
     part: ModelPart,
     adapters: nn::Path<'a>,
     base_prefix: Vec<String>,
+    rename: Option<KohyaRename>,
     selection: Selection,
     init: InitKind,
     rs_lora: bool,
@@ -41,6 +42,17 @@ pub struct Injector<'a> {
     first_group: usize,
     config: Option<LoraConfig>,
     state: Mutex<State>,
+}
+
+/// Maps a module path to the path kohya's names are derived from (see
+/// [`Injector::with_kohya_rename`]).
+#[derive(Clone)]
+struct KohyaRename(Arc<dyn Fn(&str) -> String + Send + Sync>);
+
+impl std::fmt::Debug for KohyaRename {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KohyaRename(..)")
+    }
 }
 
 #[derive(Debug)]
@@ -137,6 +149,7 @@ impl<'a> Injector<'a> {
             part,
             adapters,
             base_prefix: Vec::new(),
+            rename: None,
             selection,
             init: cfg.init,
             rs_lora: cfg.rs_lora,
@@ -170,6 +183,7 @@ impl<'a> Injector<'a> {
             part,
             adapters,
             base_prefix: Vec::new(),
+            rename: None,
             selection: Selection::Names(modules),
             init: InitKind::KaimingUniform,
             rs_lora: false,
@@ -194,6 +208,31 @@ impl<'a> Injector<'a> {
     pub fn with_base_prefix(mut self, prefix: &str) -> Self {
         self.base_prefix = prefix.split('.').filter(|s| !s.is_empty()).map(str::to_owned).collect();
         self
+    }
+
+    /// Derives kohya names from `rename(path)` instead of the module path: the file keys and
+    /// adapter-store names become `prefix_` + `rename(path)` with `.` -> `_`. Target rules,
+    /// block indices and PEFT keys still use the module path.
+    ///
+    /// SDXL needs this: our U-Net is built with diffusers' paths, but kohya names SDXL U-Net
+    /// modules after the original SGM modules (`down_blocks.1.attentions.0` is
+    /// `input_blocks.4.1`). A name that was derived from the plain path is still accepted when
+    /// selecting modules from a file ([`Injector::from_modules`]).
+    #[must_use]
+    pub fn with_kohya_rename(
+        mut self,
+        rename: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> Self {
+        self.rename = Some(KohyaRename(Arc::new(rename)));
+        self
+    }
+
+    /// The kohya name of the module at `path` (after [`Injector::with_kohya_rename`]).
+    pub fn kohya_name(&self, path: &str) -> String {
+        match &self.rename {
+            Some(r) => self.part.kohya_name(&(r.0)(path)),
+            None => self.part.kohya_name(path),
+        }
     }
 
     /// The first optimizer group id this injector allocates. Injectors sharing one adapter
@@ -241,6 +280,38 @@ impl<'a> Injector<'a> {
     /// Every optimizer group allocated so far.
     pub fn groups(&self) -> Vec<GroupInfo> {
         self.lock().map(|s| s.groups.clone()).unwrap_or_default()
+    }
+
+    /// The optimizer groups of this part's adapters: one [`ParamGroup`](crate::ParamGroup) per
+    /// group of [`Injector::groups`], holding every `lora_down` / `lora_up` tensor assigned to
+    /// it under its kohya file key (`lora_unet_..._to_q.lora_down.weight`), with
+    /// `lr_scale = part_lr_scale * lr_multiplier` (block LR weights, LoRA+ ratio).
+    /// `part_lr_scale` is the part's learning rate relative to the base one (kohya's `unet_lr`
+    /// / `text_encoder_lr` over `learning_rate`). Groups without tensors are left out.
+    pub fn param_groups(&self, part_lr_scale: f64) -> Vec<crate::ParamGroup> {
+        let Ok(s) = self.lock() else { return Vec::new() };
+        s.groups
+            .iter()
+            .filter_map(|g| {
+                let mut params = Vec::new();
+                for e in &s.entries {
+                    let name = &e.info.kohya_name;
+                    if e.info.down_group == g.id {
+                        params.push((
+                            format!("{name}.lora_down.weight"),
+                            e.branch.down.shallow_clone(),
+                        ));
+                    }
+                    if e.info.up_group == g.id {
+                        params
+                            .push((format!("{name}.lora_up.weight"), e.branch.up.shallow_clone()));
+                    }
+                }
+                (!params.is_empty()).then(|| {
+                    crate::ParamGroup::new(params).with_lr_scale(part_lr_scale * g.lr_multiplier)
+                })
+            })
+            .collect()
     }
 
     /// `(lora_down, lora_up)` of the adapter at `path` (shallow clones: same storage).
@@ -397,7 +468,8 @@ impl<'a> Injector<'a> {
         s.seen.push(path.to_owned());
         match &self.selection {
             Selection::Names(names) => Ok(names
-                .get(&self.part.kohya_name(path))
+                .get(&self.kohya_name(path))
+                .or_else(|| names.get(&self.part.kohya_name(path)))
                 .map(|&(rank, alpha)| Resolved { rank, alpha, lr_weight: 1.0 })),
             Selection::Rules { include, exclude, rules, .. } => {
                 let mut included = false;
@@ -447,7 +519,7 @@ impl<'a> Injector<'a> {
     fn make_branch(&self, s: &mut State, new: NewAdapter<'_>) -> Result<Branch> {
         let NewAdapter { path, layer, weight, res, down_dims, up_dims } = new;
         let Resolved { rank, alpha, lr_weight } = res;
-        let name = self.part.kohya_name(path);
+        let name = self.kohya_name(path);
         if s.names.contains_key(&name) || self.adapters.get(&name).is_some() {
             return Err(Error::DuplicatePath { path: format!("{path} (kohya name {name})") });
         }

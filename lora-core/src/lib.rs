@@ -56,6 +56,7 @@ mod layer;
 mod report;
 mod rules;
 mod target;
+pub mod train;
 
 pub use blocks::{BlockArch, BlockWiseConfig};
 pub use config::{Algo, InitKind, LoraConfig, LoraPlusConfig, ModelPart};
@@ -68,3 +69,4 @@ pub use layer::{LoraConv2d, LoraLinear};
 pub use report::{AdapterInfo, GroupInfo, LayerKind, Role, SelectionReport};
 pub use rules::{Resolved, Rule};
 pub use target::{kohya_targets, Matcher, Pattern};
+pub use train::{Optimizer, ParamGroup, TrainConfig, Trainer};

@@ -294,3 +294,57 @@ fn lora_plus_groups() {
     by_group.sort();
     assert_eq!(by_group, vec![(0, vec![4, 2]), (1, vec![2, 4]), (2, vec![4, 2]), (3, vec![2, 4])]);
 }
+
+/// `with_kohya_rename`: kohya names (and adapter-store names) come from the renamed path (SDXL:
+/// the SGM names of the table), while targets and block indices still use the module path;
+/// `from_modules` selects by the renamed name and, as a fallback, by the plain one.
+#[test]
+fn kohya_rename_names_adapters_after_the_renamed_path() {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/names/sdxl_unet.tsv");
+    let sgm: std::collections::HashMap<String, String> = std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f[0].to_owned(), f[6].to_owned())
+        })
+        .collect();
+    let rows = table("sdxl_unet");
+    let mut cfg = LoraConfig::new(2, kohya_targets::unet());
+    cfg.block_arch = Some(BlockArch::Sdxl);
+    let (base, ad) = (VarStore::new(Device::Cpu), VarStore::new(Device::Cpu));
+    let map = sgm.clone();
+    let inj = Injector::new(ad.root(), ModelPart::Unet, &cfg)
+        .unwrap()
+        .with_kohya_rename(move |path| map[path].clone());
+    build_all(&rows, &inj, &base);
+    let adapters = inj.adapters();
+    assert_eq!(adapters.len(), 722);
+    for a in &adapters {
+        assert_eq!(a.kohya_name, format!("lora_unet_{}", sgm[&a.path].replace('.', "_")));
+        assert_eq!(inj.kohya_name(&a.path), a.kohya_name);
+        let row = rows.iter().find(|r| r.path == a.path).unwrap();
+        assert_eq!(a.block.map(|b| b as i64), Some(row.block), "{}", a.path);
+        assert!(ad.variables().contains_key(&format!("{}.lora_down.weight", a.kohya_name)));
+    }
+    // Selecting from a file: by SGM name, and by the plain (diffusers-style) name.
+    let q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
+    for name in [
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        &ModelPart::Unet.kohya_name(q),
+    ] {
+        let (base, ad) = (VarStore::new(Device::Cpu), VarStore::new(Device::Cpu));
+        let map = sgm.clone();
+        let inj = Injector::from_modules(
+            ad.root(),
+            ModelPart::Unet,
+            [(name.to_owned(), (4, 1.0))].into(),
+        )
+        .with_kohya_rename(move |path| map[path].clone());
+        build_all(&rows, &inj, &base);
+        let a = inj.adapters();
+        assert_eq!(a.len(), 1, "{name}");
+        assert_eq!(a[0].path, q);
+        assert_eq!(a[0].kohya_name, "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q");
+    }
+}

@@ -34,6 +34,7 @@ mod error;
 mod image_io;
 mod loader;
 mod pyrandom;
+mod source;
 mod transform;
 
 pub use batch::{sample_seed, Batch, BatchPlan, Sample};
@@ -52,4 +53,5 @@ pub use image_io::{
 };
 pub use loader::{DatasetGroup, Loader, LoaderConfig};
 pub use pyrandom::PyRandom;
+pub use source::{into_core, DataSource};
 pub use transform::{crop_offsets, Interpolation, Pixels};

@@ -99,7 +99,22 @@ impl Loader {
     /// Starts loading `epoch` of `group`.
     #[must_use]
     pub fn epoch(group: Arc<DatasetGroup>, epoch: u32, config: LoaderConfig) -> Self {
-        let plan = group.epoch_plan(epoch);
+        Self::epoch_from(group, epoch, 0, config)
+    }
+
+    /// Starts loading `epoch` of `group` at batch `skip` (a resumed run): the skipped batches
+    /// are not loaded, and the rest are exactly the batches a full epoch would give there
+    /// (every random choice depends on `(seed, epoch, batch, position)` only).
+    /// `config.first_step` is the global step of batch `skip`.
+    #[must_use]
+    pub fn epoch_from(
+        group: Arc<DatasetGroup>,
+        epoch: u32,
+        skip: usize,
+        config: LoaderConfig,
+    ) -> Self {
+        let plan: Vec<(usize, BatchPlan)> =
+            group.epoch_plan(epoch).into_iter().skip(skip).collect();
         let remaining = plan.len();
         let (tx, rx) = sync_channel(config.prefetch.max(1));
         let worker = std::thread::Builder::new().name(format!("lora-data-loader-e{epoch}")).spawn(

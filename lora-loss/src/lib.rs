@@ -13,6 +13,9 @@
 //!   [`LossType`] (l2 / l1 / pseudo-Huber / smooth-L1), [`HuberSchedule`], [`SnrWeighting`],
 //!   [`NoiseVariants`], [`TimestepSampling`] / [`WeightingScheme`], [`ModelPredictionType`],
 //!   [`downsample_mask`] / [`MaskNormalization`].
+//! - Samplers for sample images: [`DdimSampler`] (η = 0) and [`EulerSampler`], step for step
+//!   diffusers' `DDIMScheduler` / `EulerDiscreteScheduler` over a [`NoiseSchedule`], and
+//!   [`sample`], the denoising loop around a model closure.
 //!
 //! # Order of operations (kohya's `process_batch`)
 //!
@@ -47,9 +50,11 @@ mod flow;
 mod huber;
 mod mask;
 mod noise;
+mod objective;
 mod ops;
 mod prediction;
 mod reduce;
+mod sampler;
 mod schedule;
 mod timestep;
 mod weighting;
@@ -64,6 +69,7 @@ pub use mask::{downsample_mask, MaskNormalization};
 pub use noise::NoiseVariants;
 pub use prediction::{ModelPredictionType, Prediction};
 pub use reduce::{LossExtras, LossOutput};
+pub use sampler::{sample, DdimSampler, EulerSampler, Sampler, TimestepSpacing};
 pub use schedule::{BetaSchedule, NoiseSchedule, NoiseScheduleConfig};
 pub use timestep::{TimestepSampling, WeightingScheme};
 pub use weighting::SnrWeighting;

@@ -10,7 +10,10 @@ use crate::keys::{
     clip_key, KeyMap, LDM_CLIP_PREFIX, LDM_OPEN_CLIP_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX,
 };
 use crate::weights::StateDict;
-use crate::{ClipTextConfig, Error, Result, UNetConfig, VaeConfig};
+use crate::{
+    ClipTextConfig, ClipTextModelWithProjection, Error, Result, SdxlUNetConfig, UNetConfig,
+    VaeConfig,
+};
 
 /// A diffusers model folder (`unet/`, `vae/`, `text_encoder/`, each with its `config.json`
 /// and safetensors weights).
@@ -74,6 +77,34 @@ impl DiffusersFolder {
     }
 }
 
+impl DiffusersFolder {
+    /// `unet/config.json` and the weights of an SDXL U-Net.
+    ///
+    /// # Errors
+    /// As [`SdxlUNetConfig::from_diffusers_json`] and [`StateDict::read`].
+    pub fn sdxl_unet(&self) -> Result<(SdxlUNetConfig, StateDict)> {
+        let cfg = SdxlUNetConfig::from_diffusers_json(self.root.join("unet/config.json"))?;
+        Ok((cfg, StateDict::read(self.weights("unet", "diffusion_pytorch_model")?)?))
+    }
+
+    /// SDXL's `text_encoder_2/` (`CLIPTextModelWithProjection`): the config, its
+    /// `projection_dim`, and the weights with keys normalised to `text_model.*` /
+    /// `text_projection.weight`.
+    ///
+    /// # Errors
+    /// As [`ClipTextConfig::from_transformers_json`] and [`StateDict::read`].
+    pub fn text_encoder_2(&self) -> Result<(ClipTextConfig, i64, StateDict)> {
+        let json = self.root.join("text_encoder_2/config.json");
+        let cfg = ClipTextConfig::from_transformers_json(&json)?;
+        let proj = ClipTextModelWithProjection::projection_dim_from_json(&json)?;
+        let sd = StateDict::read(self.weights("text_encoder_2", "model")?)?;
+        let path = sd.path().to_path_buf();
+        let tensors =
+            sd.into_tensors().into_iter().filter_map(|(k, t)| clip_key(&k).map(|k| (k, t)));
+        Ok((cfg, proj, StateDict::from_tensors(path, tensors)))
+    }
+}
+
 /// The three parts of an original (LDM) single-file SD 1.x checkpoint, renamed to diffusers
 /// keys through the [`KeyMap`] registry.
 #[derive(Debug)]
@@ -134,6 +165,13 @@ impl SingleFile {
                 if let Some(k) = clip_key(rest) {
                     parts[2].insert(k, t);
                 }
+            } else if key.starts_with("conditioner.embedders.") {
+                return Err(Error::File {
+                    path,
+                    reason: format!(
+                        "`{key}`: an SDXL (SGM) checkpoint; read it with `SdxlSingleFile`"
+                    ),
+                });
             } else if key.starts_with(LDM_OPEN_CLIP_PREFIX) {
                 return Err(Error::File {
                     path,

@@ -1,5 +1,7 @@
 //! The key registry: original (LDM / "single-file") checkpoint names ↔ diffusers names, for the
-//! U-Net, the VAE and the CLIP text encoder of SD 1.x / 2.x.
+//! U-Net, the VAE and the CLIP text encoder of SD 1.x / 2.x, and the SDXL (SGM) U-Net and
+//! OpenCLIP bigG text encoder ([`KeyMap::sdxl_unet`], [`open_clip_key`]). The SDXL U-Net map
+//! also gives kohya's SDXL LoRA names (see [`crate::with_sdxl_kohya_names`]).
 //!
 //! Original checkpoints (`v1-5-pruned.safetensors`, kohya's merged models, A1111 files) store
 //! all three parts in one file under `model.diffusion_model.*`, `first_stage_model.*` and
@@ -16,6 +18,7 @@ use std::collections::HashMap;
 
 use crate::sd::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::sd::vae::VaeConfig;
+use crate::sdxl::config::SdxlUNetConfig;
 
 /// Key prefix of the U-Net in an original checkpoint.
 pub const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
@@ -25,6 +28,11 @@ pub const LDM_VAE_PREFIX: &str = "first_stage_model.";
 pub const LDM_CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// Key prefix of the OpenCLIP text encoder of original SD 2.x checkpoints (not converted).
 pub const LDM_OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// Key prefix of SDXL's first text encoder (CLIP ViT-L, transformers layout) in an SGM checkpoint.
+pub const SGM_CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// Key prefix of SDXL's second text encoder (OpenCLIP ViT-bigG, open_clip layout) in an SGM
+/// checkpoint; see [`open_clip_key`].
+pub const SGM_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// A key renamed by a [`KeyMap`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +97,24 @@ impl KeyMap {
 
     /// The U-Net map for `config`'s layout (levels, ResNets per block, which blocks attend).
     pub fn unet(config: &UNetConfig) -> Self {
+        Self::from_rules(Self::unet_rules(config).rules)
+    }
+
+    /// The SDXL U-Net map: the SD layout rules (which already cover SDXL's three levels, the
+    /// attention-free first down / last up block and any transformer depth, since
+    /// `transformer_blocks.N` is kept as a suffix) plus the add-embedding MLP, `label_emb.0`
+    /// in SGM checkpoints.
+    ///
+    /// This map also gives kohya's SDXL LoRA names: kohya names SDXL U-Net modules after the
+    /// SGM modules (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`).
+    pub fn sdxl_unet(config: &SdxlUNetConfig) -> Self {
+        let mut r = Self::unet_rules(&config.unet);
+        r.add("label_emb.0.0", "add_embedding.linear_1");
+        r.add("label_emb.0.2", "add_embedding.linear_2");
+        Self::from_rules(r.rules)
+    }
+
+    fn unet_rules(config: &UNetConfig) -> Builder {
         let mut r = Builder::default();
         r.add("time_embed.0", "time_embedding.linear_1");
         r.add("time_embed.2", "time_embedding.linear_2");
@@ -148,7 +174,7 @@ impl KeyMap {
                 );
             }
         }
-        Self::from_rules(r.rules)
+        r
     }
 
     /// The VAE map for `config`'s layout.
@@ -281,11 +307,71 @@ impl Builder {
 /// [`LDM_CLIP_PREFIX`]) carry `text_model.`; transformers 5 writes `CLIPTextModel` without it.
 /// Returns `None` for the `position_ids` buffer, which old checkpoints include and the model
 /// recomputes.
+/// The projection of `CLIPTextModelWithProjection` (`text_projection.weight`) is kept as is.
 pub fn clip_key(key: &str) -> Option<String> {
     if key.ends_with("embeddings.position_ids") {
         return None;
     }
-    Some(if key.starts_with("text_model.") { key.to_string() } else { format!("text_model.{key}") })
+    Some(if key.starts_with("text_model.") || key.starts_with("text_projection.") {
+        key.to_string()
+    } else {
+        format!("text_model.{key}")
+    })
+}
+
+/// How an open_clip text-tower tensor becomes transformers tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenClipKey {
+    /// Renamed only.
+    Rename(String),
+    /// The fused attention input projection (`attn.in_proj_weight` / `_bias`, rows q, k, v):
+    /// split into three equal row blocks for these keys, in order.
+    SplitQkv([String; 3]),
+    /// `text_projection`, stored as `x @ P` (`[hidden, proj]`): transpose into this Linear
+    /// weight (`[proj, hidden]`).
+    Transpose(String),
+    /// Not part of the text model (`logit_scale`, the causal `attn_mask` buffer).
+    Skip,
+}
+
+/// Maps an open_clip text-tower key (without [`SGM_OPEN_CLIP_PREFIX`]) to transformers'
+/// `CLIPTextModelWithProjection` names (diffusers' `convert_open_clip_checkpoint`); `None` when
+/// the key is not an open_clip text-tower key.
+pub fn open_clip_key(key: &str) -> Option<OpenClipKey> {
+    let fixed = match key {
+        "token_embedding.weight" => Some("text_model.embeddings.token_embedding.weight"),
+        "positional_embedding" => Some("text_model.embeddings.position_embedding.weight"),
+        "ln_final.weight" => Some("text_model.final_layer_norm.weight"),
+        "ln_final.bias" => Some("text_model.final_layer_norm.bias"),
+        _ => None,
+    };
+    if let Some(k) = fixed {
+        return Some(OpenClipKey::Rename(k.into()));
+    }
+    match key {
+        "text_projection" => return Some(OpenClipKey::Transpose("text_projection.weight".into())),
+        "logit_scale" | "attn_mask" => return Some(OpenClipKey::Skip),
+        _ => {}
+    }
+    let rest = key.strip_prefix("transformer.resblocks.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let base = format!("text_model.encoder.layers.{layer}");
+    if let Some(w) = tail.strip_prefix("attn.in_proj_") {
+        return Some(OpenClipKey::SplitQkv(
+            ["q", "k", "v"].map(|p| format!("{base}.self_attn.{p}_proj.{w}")),
+        ));
+    }
+    let (module, w) = tail.rsplit_once('.')?;
+    let name = match module {
+        "attn.out_proj" => "self_attn.out_proj",
+        "ln_1" => "layer_norm1",
+        "ln_2" => "layer_norm2",
+        "mlp.c_fc" => "mlp.fc1",
+        "mlp.c_proj" => "mlp.fc2",
+        _ => return None,
+    };
+    Some(OpenClipKey::Rename(format!("{base}.{name}.{w}")))
 }
 
 #[cfg(test)]
@@ -367,6 +453,60 @@ mod tests {
             "text_model.final_layer_norm.bias"
         );
         assert_eq!(clip_key("text_model.embeddings.position_ids"), None);
+    }
+
+    #[test]
+    fn sdxl_unet_sgm_names() {
+        let m = KeyMap::sdxl_unet(&SdxlUNetConfig::sdxl());
+        let cases = [
+            (
+                "input_blocks.4.1.transformer_blocks.1.attn1.to_q",
+                "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+            ),
+            ("input_blocks.3.0.op", "down_blocks.0.downsamplers.0.conv"),
+            ("input_blocks.8.1.proj_out", "down_blocks.2.attentions.1.proj_out"),
+            (
+                "middle_block.1.transformer_blocks.9.ff.net.2",
+                "mid_block.attentions.0.transformer_blocks.9.ff.net.2",
+            ),
+            ("output_blocks.2.2.conv", "up_blocks.0.upsamplers.0.conv"),
+            (
+                "output_blocks.5.1.transformer_blocks.0.attn2.to_out.0",
+                "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0",
+            ),
+            ("output_blocks.8.0.skip_connection", "up_blocks.2.resnets.2.conv_shortcut"),
+            ("label_emb.0.2", "add_embedding.linear_2"),
+        ];
+        for (sgm, diff) in cases {
+            assert_eq!(m.to_ldm(diff).map(|r| r.key).as_deref(), Some(sgm), "{diff}");
+            assert_eq!(m.to_diffusers(sgm).map(|r| r.key).as_deref(), Some(diff), "{sgm}");
+        }
+        assert!(m.to_diffusers("input_blocks.9.0.in_layers.0.weight").is_none());
+    }
+
+    #[test]
+    fn open_clip_keys() {
+        use OpenClipKey::*;
+        assert_eq!(
+            open_clip_key("transformer.resblocks.31.mlp.c_proj.bias"),
+            Some(Rename("text_model.encoder.layers.31.mlp.fc2.bias".into()))
+        );
+        assert_eq!(
+            open_clip_key("transformer.resblocks.0.attn.in_proj_weight"),
+            Some(SplitQkv([
+                "text_model.encoder.layers.0.self_attn.q_proj.weight".into(),
+                "text_model.encoder.layers.0.self_attn.k_proj.weight".into(),
+                "text_model.encoder.layers.0.self_attn.v_proj.weight".into(),
+            ]))
+        );
+        assert_eq!(
+            open_clip_key("text_projection"),
+            Some(Transpose("text_projection.weight".into()))
+        );
+        assert_eq!(open_clip_key("logit_scale"), Some(Skip));
+        assert_eq!(open_clip_key("transformer.resblocks.x.ln_1.weight"), None);
+        assert_eq!(open_clip_key("visual.proj"), None);
+        assert_eq!(clip_key("text_projection.weight").unwrap(), "text_projection.weight");
     }
 
     proptest::proptest! {

@@ -13,6 +13,10 @@
 //! - [`AutoencoderKL`] / [`VaeConfig`]: the VAE (encoder, decoder, scaling factor).
 //! - [`ClipTextModel`] / [`ClipTextConfig`]: the CLIP text encoder with `clip_skip`;
 //!   [`ClipTokenizer`]: its BPE tokenizer (merges embedded) with kohya's long-prompt chunks.
+//! - [`SdxlUNet`] / [`SdxlUNetConfig`]: the SDXL denoiser (per-level transformer depth, the
+//!   `text_time` add-embedding); [`ClipTextModelWithProjection`]: the bigG text encoder with
+//!   its projection; [`StableDiffusionXL`]: the training pipeline (`cond = [ctx, y]`);
+//!   [`SdxlSingleFile`]: SGM single files; [`with_sdxl_kohya_names`]: kohya's SGM LoRA names.
 //! - [`DiffusersFolder`] / [`SingleFile`]: weights from a diffusers folder or an original
 //!   single-file checkpoint; [`keys`] is the LDM ↔ diffusers key registry.
 //! - [`StateDict`]: strict safetensors loading (missing / unexpected keys and shape mismatches
@@ -37,18 +41,26 @@ mod clip;
 mod json;
 pub mod keys;
 mod sd;
+mod sdxl;
 mod util;
 mod weights;
 
 pub use checkpoint_files::{DiffusersFolder, SingleFile};
 pub use clip::config::{ClipActivation, ClipTextConfig};
-pub use clip::text_model::{ClipTextModel, ClipTextOutput};
+pub use clip::projection::{ClipTextModelWithProjection, SdxlTextOutput};
+pub use clip::text_model::{ClipHiddenStates, ClipTextModel, ClipTextOutput};
 pub use clip::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
 pub use lora_core::{Error, Result};
 pub use sd::checkpoint::Checkpointing;
 pub use sd::config::{DownBlockType, PredictionType, UNetConfig, UpBlockType};
+pub use sd::pipeline::StableDiffusion;
 pub use sd::unet::UNet2DConditionModel;
 pub use sd::vae::{AutoencoderKL, LatentDist, VaeConfig};
+pub use sdxl::config::SdxlUNetConfig;
+pub use sdxl::names::{sdxl_kohya_name, sdxl_sgm_path, with_sdxl_kohya_names};
+pub use sdxl::pipeline::StableDiffusionXL;
+pub use sdxl::single_file::SdxlSingleFile;
+pub use sdxl::unet::SdxlUNet;
 pub use weights::StateDict;
 
 /// kohya's LoRA target preset for SD 1.x / 2.x.

@@ -4,5 +4,6 @@ mod checkpointing;
 mod common;
 mod lora;
 mod parity;
+mod sdxl;
 mod targets;
 mod tokenizer;

@@ -55,6 +55,26 @@ fn matches_kohya_long_prompt_chunks() {
     assert_eq!(tok.tokenize_chunks("a cat", 75).unwrap(), vec![tok.tokenize("a cat", 77)]);
 }
 
+/// SDXL's second tokenizer (bigG, `pad_token="!"`, id 0): transformers' ids and kohya's
+/// chunks for a pad other than EOS.
+#[test]
+fn matches_sdxl_tokenizer_2_and_its_kohya_chunks() {
+    let tok = lora_models::StableDiffusionXL::tokenizers().1;
+    let e = expected();
+    let cases = e["transformers_pad0"].as_array().unwrap();
+    assert!(cases.len() >= 15);
+    for case in cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        assert_eq!(tok.tokenize(prompt, 77), ids(&case["ids"]), "prompt {prompt:?}");
+    }
+    for case in e["kohya_pad0"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let max = case["max_token_length"].as_u64().unwrap() as usize;
+        let want: Vec<Vec<i64>> = case["chunks"].as_array().unwrap().iter().map(ids).collect();
+        assert_eq!(tok.tokenize_chunks(prompt, max).unwrap(), want, "prompt {prompt:?}, {max}");
+    }
+}
+
 proptest::proptest! {
     /// Any text gives exactly `context_length` ids, BOS first, EOS present, ids in the vocab.
     #[test]

@@ -6,6 +6,11 @@
 //! - [`AdamW`] ([`AdamWConfig`]): PyTorch's `torch.optim.AdamW`.
 //! - [`Adafactor`] ([`AdafactorConfig`]): transformers' `Adafactor`.
 //! - [`AdEMAMix`] ([`AdEMAMixConfig`]): bitsandbytes' `AdEMAMix` (32-bit states).
+//! - [`AdamW8bit`] ([`AdamW8bitConfig`]), [`AdEMAMix8bit`] ([`AdEMAMix8bitConfig`]):
+//!   bitsandbytes' 8-bit optimizers (block-wise quantized states, about a quarter of the
+//!   memory), as its CUDA kernels compute them.
+//! - [`quantize_blockwise`], [`dequantize_blockwise`], [`quantize_codes`], [`DynamicMap`]:
+//!   bitsandbytes' block-wise 8-bit quantization with its dynamic maps.
 //! - [`LrSchedule`] ([`LrScheduleConfig`], [`ScheduleKind`]): diffusers' `get_scheduler` curves.
 //! - [`ParamGroup`]: parameters with a learning-rate scale (LoRA+, block LR weights).
 //! - [`Optimizer`]: `step`, `step_param` (fused backward pass), `zero_grad`,
@@ -14,8 +19,7 @@
 //!
 //! # Status
 //!
-//! Not yet here (issue 4): the 8-bit forms (`AdamW8bit`, `AdEMAMix8bit`, bitsandbytes'
-//! block-wise dynamic quantization), a fast single-pass CPU path, and the benchmarks. A paged
+//! Not yet here (issue 4): a fast single-pass CPU path and the benchmarks. A paged
 //! variant is not planned: bitsandbytes' paging only moves state into CUDA unified memory so
 //! the driver can spill it to host RAM, with identical math; LoRA optimizer state is small.
 //!
@@ -52,22 +56,27 @@
 
 mod adafactor;
 mod adamw;
+mod adamw8bit;
 mod ademamix;
+mod ademamix8bit;
 mod clip;
-mod fused;
 mod group;
+mod kernel8;
 mod ops;
 mod optimizer;
+mod quant8;
 mod rounding;
 mod schedule;
 mod state_io;
 
 pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig};
+pub use adamw8bit::{AdamW8bit, AdamW8bitConfig};
 pub use ademamix::{AdEMAMix, AdEMAMixConfig};
-pub use clip::clip_grad_norm;
-pub use fused::{fused_backward, FusedStepper};
-pub use group::ParamGroup;
+pub use ademamix8bit::{AdEMAMix8bit, AdEMAMix8bitConfig};
+pub use lora_core::train::{clip_grad_norm, fused_backward, FusedStepper, Optimizer, ParamGroup};
 pub use lora_core::{Error, Result};
-pub use optimizer::Optimizer;
+pub use quant8::{
+    dequantize_blockwise, quantize_blockwise, quantize_codes, DynamicMap, BLOCK_SIZE,
+};
 pub use schedule::{LrSchedule, LrScheduleConfig, ScheduleKind};

@@ -190,3 +190,10 @@ impl LrSchedule {
         self.base_lr
     }
 }
+
+/// The training step reads the learning rate through this.
+impl lora_core::train::LrPolicy for LrSchedule {
+    fn lr(&self, step: u64) -> f64 {
+        LrSchedule::lr(self, step)
+    }
+}

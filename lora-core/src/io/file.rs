@@ -112,7 +112,13 @@ impl AdapterFile {
             inj.with_entries(|entries| {
                 for e in entries {
                     let key = match self.format {
-                        Format::Kohya => Some(e.info.kohya_name.clone()),
+                        // The injector's name, else the one derived from the plain module
+                        // path (an SDXL file written with diffusers-style U-Net names).
+                        Format::Kohya => {
+                            [e.info.kohya_name.clone(), inj.part().kohya_name(&e.info.path)]
+                                .into_iter()
+                                .find(|k| self.modules.contains_key(k))
+                        }
                         Format::Peft => [inj.part().peft_prefix(), "base_model.model"]
                             .iter()
                             .map(|p| format!("{p}.{}", e.info.path))

@@ -7,6 +7,8 @@
 //! - [`AdapterFile::read`] reads either (detected from the keys), and [`AdapterFile::apply`]
 //!   copies the weights into injectors' adapters, reporting every file module that maps to no
 //!   adapter and every adapter left without weights as an error.
+//! - [`merge_into`] folds a file into a state dict keyed by module path (kohya's
+//!   `merge_lora.py`), every file module matched or an error.
 //!
 //! Every write goes to a temporary file in the same directory, then is renamed over the
 //! target. Every read goes through the `safetensors` crate's checked parser; malformed files
@@ -14,11 +16,13 @@
 
 mod file;
 mod kohya;
+mod merge;
 mod peft;
-mod st;
+pub(crate) mod st;
 
 pub use file::{AdapterFile, Format, ModuleWeights};
 pub use kohya::{save_kohya, BaseModel, KohyaMetadata};
+pub use merge::{lora_delta, merge_into, MergeReport, MergeTarget, MergedModule};
 pub use peft::save_peft;
 
 use serde::{Deserialize, Serialize};

@@ -88,6 +88,17 @@ pub struct ClipTextOutput {
     pub pooled: Option<Tensor>,
 }
 
+/// The outputs of [`ClipTextModel::forward_hidden_states`].
+#[derive(Debug)]
+pub struct ClipHiddenStates {
+    /// The embeddings, then every layer's output (no final LayerNorm): `layers + 1` tensors.
+    pub hidden_states: Vec<Tensor>,
+    /// The last layer's output through the final LayerNorm.
+    pub last_hidden_state: Tensor,
+    /// `last_hidden_state` at the end-of-text token.
+    pub pooled: Tensor,
+}
+
 /// The CLIP text encoder (transformers' `CLIPTextModel`), built under `text_model` so that
 /// module paths equal the upstream keys (`text_model.encoder.layers.0.self_attn.q_proj`) and the
 /// kohya names (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
@@ -168,6 +179,59 @@ impl ClipTextModel {
                 reason: format!("must be in 1..={n}, got {clip_skip}"),
             });
         }
+        let mut xs = self.embed(input_ids)?;
+        for layer in &self.layers[..n + 1 - clip_skip] {
+            xs = layer.forward(&xs, train);
+        }
+        let hidden = xs.apply(&self.final_layer_norm);
+        let pooled = (clip_skip == 1).then(|| self.pool(input_ids, &hidden));
+        Ok(ClipTextOutput { hidden, pooled })
+    }
+
+    /// Every hidden state, as transformers' `output_hidden_states=True`: `hidden_states[0]` is
+    /// the embeddings, `hidden_states[i]` the output of layer `i` (no final LayerNorm); plus
+    /// the final-LayerNorm'd last state and its end-of-text pool.
+    ///
+    /// SDXL conditions on `hidden_states[-2]` of both encoders *without* the final LayerNorm
+    /// (diffusers' SDXL pipeline, kohya's `strategy_sdxl`), which [`ClipTextModel::forward`]'s
+    /// `clip_skip` (LayerNorm applied, as SD 1.x / 2.x) does not give.
+    ///
+    /// # Shapes
+    /// `input_ids: [b, seq]` → `hidden_states: (layers + 1) × [b, seq, hidden]`,
+    /// `last_hidden_state: [b, seq, hidden]`, `pooled: [b, hidden]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] as [`ClipTextModel::forward`].
+    pub fn forward_hidden_states(
+        &self,
+        input_ids: &Tensor,
+        train: bool,
+    ) -> Result<ClipHiddenStates> {
+        let mut xs = self.embed(input_ids)?;
+        let mut hidden_states = vec![xs.shallow_clone()];
+        for layer in &self.layers {
+            xs = layer.forward(&xs, train);
+            hidden_states.push(xs.shallow_clone());
+        }
+        let last_hidden_state = xs.apply(&self.final_layer_norm);
+        let pooled = self.pool(input_ids, &last_hidden_state);
+        Ok(ClipHiddenStates { hidden_states, last_hidden_state, pooled })
+    }
+
+    /// The end-of-text state of each row: the largest id's position with the legacy
+    /// `eos_token_id = 2`, else the first `eos_token_id`.
+    fn pool(&self, input_ids: &Tensor, hidden: &Tensor) -> Tensor {
+        let b = input_ids.size()[0];
+        let idx = if self.config.eos_token_id == 2 {
+            input_ids.argmax(-1, false)
+        } else {
+            input_ids.eq(self.config.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
+        };
+        hidden.index(&[Some(Tensor::arange(b, (Kind::Int64, hidden.device()))), Some(idx)])
+    }
+
+    /// Token plus position embeddings, after checking the ids' shape.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let size = input_ids.size();
         let [_, seq] = size[..] else {
             return Err(Error::Shape {
@@ -184,22 +248,7 @@ impl ClipTextModel {
             });
         }
         let positions = Tensor::arange(seq, (Kind::Int64, input_ids.device()));
-        let mut xs =
-            input_ids.apply(&self.token_embedding) + positions.apply(&self.position_embedding);
-        for layer in &self.layers[..n + 1 - clip_skip] {
-            xs = layer.forward(&xs, train);
-        }
-        let hidden = xs.apply(&self.final_layer_norm);
-        let pooled = (clip_skip == 1).then(|| {
-            let b = input_ids.size()[0];
-            let idx = if self.config.eos_token_id == 2 {
-                input_ids.argmax(-1, false)
-            } else {
-                input_ids.eq(self.config.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
-            };
-            hidden.index(&[Some(Tensor::arange(b, (Kind::Int64, hidden.device()))), Some(idx)])
-        });
-        Ok(ClipTextOutput { hidden, pooled })
+        Ok(input_ids.apply(&self.token_embedding) + positions.apply(&self.position_embedding))
     }
 
     /// kohya's long-prompt encoding (`--max_token_length` 150 / 225, SD 1.x layout with pad =

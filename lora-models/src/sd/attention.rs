@@ -140,7 +140,7 @@ impl BasicTransformerBlock {
     }
 }
 
-/// `Transformer2DModel` (continuous input, one transformer block): GroupNorm (eps 1e-6),
+/// `Transformer2DModel` (continuous input, `depth` transformer blocks): GroupNorm (eps 1e-6),
 /// `proj_in`, the block, `proj_out`, residual. The projections are 1x1 convolutions in SD 1.x
 /// and Linears with `use_linear_projection` (SD 2.x).
 #[derive(Debug)]
@@ -160,6 +160,9 @@ pub(crate) struct TransformerConfig {
     pub(crate) ctx_dim: i64,
     pub(crate) groups: i64,
     pub(crate) linear: bool,
+    /// Transformer blocks in the stack (1 in SD 1.x / 2.x; SDXL's
+    /// `transformer_layers_per_block`).
+    pub(crate) depth: i64,
 }
 
 impl Transformer2DModel {
@@ -180,12 +183,21 @@ impl Transformer2DModel {
                 f.conv2d(&vs / "proj_out", ch, ch, 1, Default::default())?,
             )
         };
-        let block =
-            BasicTransformerBlock::new(&vs / "transformer_blocks" / 0, f, ch, c.ctx_dim, c.heads)?;
+        let transformer_blocks = (0..c.depth)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    &vs / "transformer_blocks" / i,
+                    f,
+                    ch,
+                    c.ctx_dim,
+                    c.heads,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: group_norm(&vs / "norm", c.groups, ch, 1e-6),
             proj_in,
-            transformer_blocks: vec![block],
+            transformer_blocks,
             proj_out,
             linear: c.linear,
         })

@@ -34,10 +34,11 @@ impl BlockConfig {
         }
     }
 
-    fn transformer(&self, channels: i64, heads: i64) -> TransformerConfig {
+    fn transformer(&self, channels: i64, heads: i64, depth: i64) -> TransformerConfig {
         TransformerConfig {
             channels,
             heads,
+            depth,
             ctx_dim: self.ctx_dim,
             groups: self.groups,
             linear: self.linear_projection,
@@ -88,6 +89,8 @@ pub(crate) struct DownBlockSpec {
     pub(crate) out_channels: i64,
     pub(crate) layers: i64,
     pub(crate) heads: Option<i64>,
+    /// Transformer blocks per attention (SDXL's `transformer_layers_per_block`; 1 in SD 1.x).
+    pub(crate) depth: i64,
     pub(crate) downsample_padding: Option<i64>,
 }
 
@@ -111,7 +114,7 @@ impl DownBlock {
                 attentions.push(Arc::new(Transformer2DModel::new(
                     &vs / "attentions" / i,
                     f,
-                    c.transformer(s.out_channels, heads),
+                    c.transformer(s.out_channels, heads, s.depth),
                 )?));
             }
         }
@@ -159,6 +162,7 @@ impl MidBlock {
         c: &BlockConfig,
         channels: i64,
         heads: i64,
+        depth: i64,
         scale: f64,
     ) -> Result<Self> {
         let rc = c.resnet(channels, channels, scale);
@@ -170,7 +174,7 @@ impl MidBlock {
             attention: Arc::new(Transformer2DModel::new(
                 &vs / "attentions" / 0,
                 f,
-                c.transformer(channels, heads),
+                c.transformer(channels, heads, depth),
             )?),
         })
     }
@@ -199,6 +203,8 @@ pub(crate) struct UpBlockSpec {
     pub(crate) out_channels: i64,
     pub(crate) layers: i64,
     pub(crate) heads: Option<i64>,
+    /// Transformer blocks per attention.
+    pub(crate) depth: i64,
     pub(crate) upsample: bool,
 }
 
@@ -223,7 +229,7 @@ impl UpBlock {
                 attentions.push(Arc::new(Transformer2DModel::new(
                     &vs / "attentions" / i,
                     f,
-                    c.transformer(s.out_channels, heads),
+                    c.transformer(s.out_channels, heads, s.depth),
                 )?));
             }
         }

@@ -211,11 +211,19 @@ impl UNetConfig {
     /// layers per block, other block types, ...).
     pub fn from_diffusers_json(path: impl AsRef<Path>) -> Result<Self> {
         let j = JsonConfig::read(path.as_ref())?;
-        let file_err = |reason: String| Error::File { path: path.as_ref().to_path_buf(), reason };
+        Self::from_json(&j, path.as_ref(), false)
+    }
+
+    /// The SD-family part of a parsed `unet/config.json`. With `sdxl`, the keys SDXL adds
+    /// (`addition_embed_type`, `transformer_layers_per_block`) are left to the caller.
+    pub(crate) fn from_json(j: &JsonConfig, path: &Path, sdxl: bool) -> Result<Self> {
+        let file_err = |reason: String| Error::File { path: path.to_path_buf(), reason };
         j.require("_class_name", &json!("UNet2DConditionModel"))?;
+        if !sdxl {
+            j.require_null("addition_embed_type")?;
+        }
         for key in [
             "class_embed_type",
-            "addition_embed_type",
             "encoder_hid_dim",
             "encoder_hid_dim_type",
             "time_cond_proj_dim",
@@ -242,8 +250,9 @@ impl UNetConfig {
         j.require("attention_type", &json!("default"))?;
         let block_out_channels = j.ints("block_out_channels")?;
         let n = block_out_channels.len();
-        if j.ints_or_broadcast("transformer_layers_per_block", n)?
-            .is_some_and(|v| v.iter().any(|&l| l != 1))
+        if !sdxl
+            && j.ints_or_broadcast("transformer_layers_per_block", n)?
+                .is_some_and(|v| v.iter().any(|&l| l != 1))
         {
             return Err(file_err("`transformer_layers_per_block`: only 1 is supported".into()));
         }

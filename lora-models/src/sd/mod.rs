@@ -5,6 +5,7 @@ pub(crate) mod blocks;
 pub(crate) mod checkpoint;
 pub(crate) mod config;
 pub(crate) mod embeddings;
+pub(crate) mod pipeline;
 pub(crate) mod resnet;
 pub(crate) mod targets;
 pub(crate) mod unet;

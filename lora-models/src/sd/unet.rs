@@ -42,6 +42,19 @@ impl UNet2DConditionModel {
     /// factory.
     pub fn new(vs: nn::Path<'_>, config: &UNetConfig, f: &dyn LayerFactory) -> Result<Self> {
         config.validate()?;
+        Self::with_depths(vs, config, &vec![1; config.block_out_channels.len()], f)
+    }
+
+    /// [`UNet2DConditionModel::new`] with `depths[i]` transformer blocks per attention at level
+    /// `i` (SDXL; the mid block takes the last level's, up block `i` level `n - 1 - i`'s, as
+    /// diffusers' default `reverse_transformer_layers_per_block`). `config` must be valid and
+    /// `depths` as long as `block_out_channels`.
+    pub(crate) fn with_depths(
+        vs: nn::Path<'_>,
+        config: &UNetConfig,
+        depths: &[i64],
+        f: &dyn LayerFactory,
+    ) -> Result<Self> {
         let c = config;
         let ch = &c.block_out_channels;
         let n = ch.len();
@@ -61,6 +74,7 @@ impl UNet2DConditionModel {
                 layers: c.layers_per_block,
                 heads: (*ty == DownBlockType::CrossAttnDownBlock2D)
                     .then_some(c.num_attention_heads[i]),
+                depth: depths[i],
                 downsample_padding: (i + 1 < n).then_some(c.downsample_padding),
             };
             down_blocks.push(DownBlock::new(&vs / "down_blocks" / i, f, &bc, spec)?);
@@ -71,6 +85,7 @@ impl UNet2DConditionModel {
             &bc,
             ch[n - 1],
             c.num_attention_heads[n - 1],
+            depths[n - 1],
             c.mid_block_scale_factor,
         )?;
         let mut up_blocks = Vec::with_capacity(n);
@@ -83,6 +98,7 @@ impl UNet2DConditionModel {
                 layers: c.layers_per_block + 1,
                 heads: (*ty == UpBlockType::CrossAttnUpBlock2D)
                     .then_some(c.num_attention_heads[n - 1 - i]),
+                depth: depths[n - 1 - i],
                 upsample: i + 1 < n,
             };
             up_blocks.push(UpBlock::new(&vs / "up_blocks" / i, f, &bc, spec)?);
@@ -131,6 +147,22 @@ impl UNet2DConditionModel {
         ctx: &Tensor,
         train: bool,
     ) -> Tensor {
+        self.forward_with(sample, timesteps, ctx, None, train)
+    }
+
+    /// [`UNet2DConditionModel::forward`] with `extra` added to the time embedding (SDXL's
+    /// add-embedding of the vector conditioning).
+    ///
+    /// # Shapes
+    /// `extra: [b, time_embed_dim]` in `sample`'s kind.
+    pub(crate) fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        ctx: &Tensor,
+        extra: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let (b, _, _, _) = dims4(sample, "UNet2DConditionModel");
         // 1. time
         let t = timesteps.expand([b], false);
@@ -140,7 +172,10 @@ impl UNet2DConditionModel {
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
         );
-        let emb = self.time_embedding.forward(&t_emb.to_kind(sample.kind()), train);
+        let mut emb = self.time_embedding.forward(&t_emb.to_kind(sample.kind()), train);
+        if let Some(extra) = extra {
+            emb += extra;
+        }
         let ckpt = if train { self.checkpointing } else { Checkpointing::Off };
         let x = BlockInputs { temb: &emb, ctx, train, ckpt };
         // 2. pre-process

@@ -1,9 +1,9 @@
-//! Any [`Optimizer`] inside a fused backward pass (`lora_core::FusedBackward`).
+//! Any [`Optimizer`] inside a fused backward pass ([`FusedBackward`]).
 //!
-//! kohya's `fused_backward_pass` works with Adafactor alone; here every optimizer of this crate
-//! can be stepped from inside `backward`, because each one is a per-tensor rule reachable
+//! kohya's `fused_backward_pass` works with Adafactor alone; here every [`Optimizer`] (all of
+//! lora-optim's) can be stepped from inside `backward`, because each one is a per-tensor rule reachable
 //! through [`Optimizer::step_param`]. [`FusedStepper`] adapts an optimizer to
-//! [`lora_core::ParamStep`]; [`fused_backward`] installs the hooks on all of its parameters.
+//! [`ParamStep`]; [`fused_backward`] installs the hooks on all of its parameters.
 //!
 //! # What differs from a plain step
 //!
@@ -12,14 +12,13 @@
 //! - Gradient accumulation is impossible: each gradient is consumed and freed by the backward
 //!   that produced it. Callers must refuse accumulation steps > 1.
 //! - Numerically the result equals a plain step with per-tensor clipping (tested for every
-//!   optimizer here).
+//!   optimizer of lora-optim).
 
-use lora_core::{FusedBackward, FusedMode, ParamStep};
 use tch::Tensor;
 
-use crate::clip::clip_grad_norm;
-use crate::optimizer::Optimizer;
-use crate::Result;
+use super::clip::clip_grad_norm;
+use super::Optimizer;
+use crate::{FusedBackward, FusedMode, ParamStep, Result};
 
 /// Adapts an [`Optimizer`] to [`ParamStep`]: the flat parameter list of a
 /// [`FusedBackward`] is the optimizer's groups, concatenated in order.

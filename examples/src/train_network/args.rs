@@ -1,0 +1,346 @@
+//! The training config file: kohya's `--config_file` TOML (flat, or in sections that are
+//! flattened as kohya does), with kohya's argument names. Every key must be known: a typo is an
+//! error naming the file, the section and the key, never a silently ignored setting.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use lora_core::io::SavePrecision;
+use lora_core::train::TrainConfig;
+use lora_loss::LossConfig;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// Model families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFamily {
+    /// SD 1.x / 2.x.
+    #[default]
+    Sd15,
+    /// SDXL (kohya's `sdxl_train_network.py`): two text encoders, SGM LoRA names.
+    Sdxl,
+    /// FLUX.1 (not wired into this trainer yet).
+    Flux,
+}
+
+/// kohya's `mixed_precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// Everything f32.
+    #[default]
+    No,
+    /// Frozen base in f16.
+    Fp16,
+    /// Frozen base in bf16.
+    Bf16,
+}
+
+/// The trainer's own keys (the loop's keys are [`TrainConfig`]'s, the loss's
+/// [`LossConfig`]'s).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainArgs {
+    /// Diffusers folder or single `.safetensors` file; unset: the built-in tiny demo model.
+    pub pretrained_model_name_or_path: Option<PathBuf>,
+    /// Model family (not a kohya key: kohya has one script per family).
+    pub model_family: ModelFamily,
+    /// SD 2.x checkpoint.
+    pub v2: bool,
+    /// kohya `clip_skip`.
+    pub clip_skip: usize,
+    /// kohya `max_token_length` (75 / 150 / 225).
+    pub max_token_length: Option<usize>,
+    /// kohya `mixed_precision`.
+    pub mixed_precision: MixedPrecision,
+    /// kohya `gradient_checkpointing`.
+    pub gradient_checkpointing: bool,
+    /// kohya `no_half_vae`: keep the VAE in f32 under fp16 / bf16 (SDXL only here: the original
+    /// SDXL VAE overflows in f16).
+    pub no_half_vae: bool,
+    /// kohya `dataset_config` (required).
+    pub dataset_config: Option<PathBuf>,
+    /// Must be `networks.lora`.
+    pub network_module: String,
+    /// kohya `network_dim`.
+    pub network_dim: i64,
+    /// kohya `network_alpha`.
+    pub network_alpha: f64,
+    /// kohya `network_dropout`.
+    pub network_dropout: Option<f64>,
+    /// kohya `network_args` (`key=value` strings).
+    pub network_args: Vec<String>,
+    /// kohya `network_train_unet_only`.
+    pub network_train_unet_only: bool,
+    /// kohya `network_train_text_encoder_only`.
+    pub network_train_text_encoder_only: bool,
+    /// kohya `network_weights`: start from this LoRA file.
+    pub network_weights: Option<PathBuf>,
+    /// kohya `unet_lr`.
+    pub unet_lr: Option<f64>,
+    /// kohya `text_encoder_lr`.
+    pub text_encoder_lr: Option<f64>,
+    /// kohya `optimizer_type`.
+    pub optimizer_type: String,
+    /// kohya `optimizer_args` (`key=value` strings).
+    pub optimizer_args: Vec<String>,
+    /// kohya `learning_rate`.
+    pub learning_rate: f64,
+    /// kohya `lr_scheduler`.
+    pub lr_scheduler: String,
+    /// kohya `lr_warmup_steps`.
+    pub lr_warmup_steps: u64,
+    /// kohya `lr_scheduler_num_cycles`.
+    pub lr_scheduler_num_cycles: Option<f64>,
+    /// kohya `lr_scheduler_power`.
+    pub lr_scheduler_power: f64,
+    /// kohya `output_dir`.
+    pub output_dir: PathBuf,
+    /// kohya `output_name`.
+    pub output_name: String,
+    /// kohya `save_precision`.
+    pub save_precision: Option<SavePrecision>,
+    /// kohya `save_model_as` (only `safetensors`).
+    pub save_model_as: String,
+    /// kohya `sample_every_n_steps`.
+    pub sample_every_n_steps: Option<u64>,
+    /// kohya `sample_every_n_epochs`.
+    pub sample_every_n_epochs: Option<u32>,
+    /// kohya `sample_prompts`: a `.txt` file, one prompt per line with kohya's `--n --w --h
+    /// --s --l --d` options.
+    pub sample_prompts: Option<PathBuf>,
+    /// kohya `sample_sampler`: `ddim` or `euler`.
+    pub sample_sampler: String,
+    /// kohya `resume`: a checkpoint directory to continue from.
+    pub resume: Option<PathBuf>,
+    /// Show a progress bar (off in tests).
+    pub progress_bar: bool,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        Self {
+            pretrained_model_name_or_path: None,
+            model_family: ModelFamily::Sd15,
+            v2: false,
+            clip_skip: 1,
+            max_token_length: None,
+            mixed_precision: MixedPrecision::No,
+            gradient_checkpointing: false,
+            no_half_vae: false,
+            dataset_config: None,
+            network_module: "networks.lora".into(),
+            network_dim: 4,
+            network_alpha: 1.0,
+            network_dropout: None,
+            network_args: Vec::new(),
+            network_train_unet_only: false,
+            network_train_text_encoder_only: false,
+            network_weights: None,
+            unet_lr: None,
+            text_encoder_lr: None,
+            optimizer_type: "AdamW".into(),
+            optimizer_args: Vec::new(),
+            learning_rate: 1e-4,
+            lr_scheduler: "constant".into(),
+            lr_warmup_steps: 0,
+            lr_scheduler_num_cycles: None,
+            lr_scheduler_power: 1.0,
+            output_dir: "output".into(),
+            output_name: "last".into(),
+            save_precision: None,
+            save_model_as: "safetensors".into(),
+            sample_every_n_steps: None,
+            sample_every_n_epochs: None,
+            sample_prompts: None,
+            sample_sampler: "ddim".into(),
+            resume: None,
+            progress_bar: true,
+        }
+    }
+}
+
+/// A parsed training config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Trainer keys.
+    pub args: TrainArgs,
+    /// Loop keys.
+    pub train: TrainConfig,
+    /// Loss keys.
+    pub loss: LossConfig,
+}
+
+/// Tries `key = value` against `T`: `Ok(true)` if `T` has the key, `Ok(false)` if not, an
+/// error if it has the key but the value does not fit.
+fn try_key<T: DeserializeOwned>(key: &str, value: &toml::Value) -> Result<bool, String> {
+    let mut one = toml::Table::new();
+    one.insert(key.to_string(), value.clone());
+    match toml::Value::Table(one).try_into::<T>() {
+        Ok(_) => Ok(true),
+        Err(e) => {
+            let msg = e.to_string();
+            if msg.contains("unknown field") {
+                Ok(false)
+            } else {
+                Err(msg.trim().to_string())
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    ///
+    /// # Errors
+    /// A missing or unreadable file, invalid TOML, an unknown key, a key given twice (in two
+    /// sections), or a value of the wrong type: each message names the file and the key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the training config", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text (`path` for messages and relative paths).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let table: toml::Table =
+            text.parse().map_err(|e| anyhow!("{}: invalid TOML: {e}", path.display()))?;
+        // kohya flattens one level of sections.
+        let mut flat: Vec<(String, String, toml::Value)> = Vec::new();
+        for (k, v) in table {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k2, v2) in t {
+                        flat.push((format!("[{k}] "), k2, v2));
+                    }
+                }
+                v => flat.push((String::new(), k, v)),
+            }
+        }
+        let (mut args, mut train, mut loss) =
+            (toml::Table::new(), toml::Table::new(), toml::Table::new());
+        for (section, key, value) in flat {
+            if args.contains_key(&key) || train.contains_key(&key) || loss.contains_key(&key) {
+                bail!("{}: {section}`{key}` is given twice", path.display());
+            }
+            let err = |e: String| anyhow!("{}: {section}`{key}`: {e}", path.display());
+            if try_key::<TrainArgs>(&key, &value).map_err(err)? {
+                args.insert(key, value);
+            } else if try_key::<TrainConfig>(&key, &value).map_err(err)? {
+                train.insert(key, value);
+            } else if try_key::<LossConfig>(&key, &value).map_err(err)? {
+                loss.insert(key, value);
+            } else {
+                bail!("{}: {section}unknown key `{key}`", path.display());
+            }
+        }
+        let whole = |e: toml::de::Error| anyhow!("{}: {e}", path.display());
+        let mut args: TrainArgs = toml::Value::Table(args).try_into().map_err(whole)?;
+        let train: TrainConfig = toml::Value::Table(train).try_into().map_err(whole)?;
+        let loss: LossConfig = toml::Value::Table(loss).try_into().map_err(whole)?;
+        // Relative paths are relative to the config file, so a config works from any cwd.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut args.pretrained_model_name_or_path,
+            &mut args.dataset_config,
+            &mut args.network_weights,
+            &mut args.sample_prompts,
+            &mut args.resume,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if args.output_dir.is_relative() {
+            args.output_dir = base.join(&args.output_dir);
+        }
+        train.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let cfg = Config { path: path.to_path_buf(), args, train, loss };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        let p = self.path.display();
+        let a = &self.args;
+        if a.network_module != "networks.lora" {
+            bail!(
+                "{p}: `network_module` = {:?}: only networks.lora is supported",
+                a.network_module
+            );
+        }
+        if a.save_model_as != "safetensors" {
+            bail!("{p}: `save_model_as` = {:?}: only safetensors is supported", a.save_model_as);
+        }
+        if a.network_train_unet_only && a.network_train_text_encoder_only {
+            bail!("{p}: network_train_unet_only and network_train_text_encoder_only exclude each other");
+        }
+        match a.model_family {
+            ModelFamily::Sd15 => {
+                if a.no_half_vae {
+                    bail!("{p}: `no_half_vae` is only supported with model_family = \"sdxl\"");
+                }
+            }
+            ModelFamily::Sdxl => {
+                if a.v2 {
+                    bail!("{p}: `v2` is for SD 2.x checkpoints, not model_family = \"sdxl\"");
+                }
+                // kohya only warns that clip_skip does nothing for SDXL; a setting that does
+                // nothing is an error here.
+                if a.clip_skip != 1 {
+                    bail!(
+                        "{p}: `clip_skip` = {}: SDXL always uses the penultimate layer of both \
+                         text encoders; remove the key",
+                        a.clip_skip
+                    );
+                }
+            }
+            ModelFamily::Flux => bail!(
+                "{p}: `model_family` = \"flux\": this trainer handles sd15 and sdxl so far \
+                 (FLUX.1 is issue 11)"
+            ),
+        }
+        if let Some(ds) = &a.dataset_config {
+            if !ds.is_file() {
+                bail!("{p}: `dataset_config`: file not found: {}", ds.display());
+            }
+        }
+        for (key, file) in [
+            ("pretrained_model_name_or_path", &a.pretrained_model_name_or_path),
+            ("network_weights", &a.network_weights),
+            ("sample_prompts", &a.sample_prompts),
+            ("resume", &a.resume),
+        ] {
+            if let Some(f) = file {
+                if !f.exists() {
+                    bail!("{p}: `{key}`: not found: {}", f.display());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `key=value` strings (kohya's `network_args` / `optimizer_args`) as pairs.
+///
+/// # Errors
+/// An entry without `=`, naming the list.
+pub fn kv_list(list: &[String], what: &str) -> Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|s| {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow!("`{what}` entry {s:?} is not key=value"))?;
+            Ok((k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        })
+        .collect()
+}

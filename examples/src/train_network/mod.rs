@@ -1,0 +1,380 @@
+//! The `train_network` program as a library: [`run`] trains from a kohya-style config and
+//! returns what it wrote, so tests and other programs can drive it.
+//!
+//! The config is kohya's `--config_file` TOML with kohya's argument names ([`args`]); the
+//! dataset is kohya's dataset TOML (`dataset_config`). `model_family` picks SD 1.x (`sd15`,
+//! kohya's `train_network.py`) or SDXL (`sdxl`, kohya's `sdxl_train_network.py`); the training
+//! loop, reporting and sampling are shared ([`pipeline::SamplingModel`]). Without
+//! `pretrained_model_name_or_path` it trains the family's tiny random demo model (`make demo`). Writes
+//! `<output_dir>/<output_name>.safetensors` (kohya format), `checkpoints/`, `metrics.jsonl`,
+//! `loss.png` and `sample/*.png`.
+
+pub mod args;
+pub mod model;
+pub mod observe;
+pub mod pipeline;
+pub mod sample;
+pub mod sdxl;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use lora_core::io::{AdapterFile, BaseModel, KohyaMetadata};
+use lora_core::train::{latest_checkpoint, Denoiser, Optimizer, TrainState, Trainer};
+use lora_core::{Injector, LayerFactory, ModelPart, ParamGroup, PlainLayers};
+use lora_data::{Batch, DataSource, DatasetGroup, DatasetGroupConfig, LoadOptions};
+use lora_models::{Checkpointing, ClipTokenizer, StableDiffusion};
+use lora_optim::{LrScheduleConfig, ScheduleKind};
+use serde::de::DeserializeOwned;
+use tch::nn::VarStore;
+use tch::Device;
+
+use self::args::{kv_list, Config, ModelFamily};
+use self::observe::{Reporter, Sampling};
+use self::pipeline::SamplingModel;
+
+/// What to run: the config file plus command-line overrides.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The training config (kohya `--config_file`).
+    pub config: PathBuf,
+    /// Overrides `max_train_steps` (and clears `max_train_epochs`).
+    pub max_train_steps: Option<u64>,
+    /// Overrides `output_dir`.
+    pub output_dir: Option<PathBuf>,
+    /// A checkpoint directory, or `auto` for the newest under `<output_dir>/checkpoints`.
+    pub resume: Option<String>,
+    /// Show the progress bar (when the config does not turn it off).
+    pub progress: bool,
+}
+
+/// What a run wrote.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The final LoRA file.
+    pub lora: PathBuf,
+    /// `(micro-batch, loss)` of this invocation.
+    pub losses: Vec<(f64, f64)>,
+    /// The loss-curve PNG.
+    pub loss_curve: PathBuf,
+    /// Sample images.
+    pub samples: Vec<PathBuf>,
+    /// The final state.
+    pub state: TrainState,
+}
+
+/// kohya's `optimizer_args` (Python literals) as a TOML table for the config struct.
+fn optimizer_config<T: DeserializeOwned>(list: &[String]) -> Result<T> {
+    let mut table = toml::Table::new();
+    for (k, v) in kv_list(list, "optimizer_args")? {
+        let v = v.trim();
+        let value = if let Some(inner) = v.strip_prefix('(').and_then(|s| s.strip_suffix(')')) {
+            let items = inner
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|x| x.trim().parse::<f64>().map(toml::Value::Float))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|_| anyhow!("optimizer_args: `{k}={v}`: not a tuple of numbers"))?;
+            toml::Value::Array(items)
+        } else if v == "True" || v == "true" {
+            toml::Value::Boolean(true)
+        } else if v == "False" || v == "false" {
+            toml::Value::Boolean(false)
+        } else if v == "None" {
+            continue;
+        } else if let Ok(i) = v.parse::<i64>() {
+            toml::Value::Integer(i)
+        } else if let Ok(f) = v.parse::<f64>() {
+            toml::Value::Float(f)
+        } else {
+            toml::Value::String(v.to_string())
+        };
+        table.insert(k, value);
+    }
+    toml::Value::Table(table).try_into().map_err(|e| anyhow!("optimizer_args: {e}"))
+}
+
+fn build_optimizer(
+    name: &str,
+    args: &[String],
+    groups: Vec<ParamGroup>,
+) -> Result<Box<dyn Optimizer + Send>> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "adamw" => Box::new(optimizer_config::<lora_optim::AdamWConfig>(args)?.build(groups)?),
+        "adamw8bit" => Box::new(optimizer_config::<lora_optim::AdamW8bitConfig>(args)?.build(groups)?),
+        "adafactor" => Box::new(optimizer_config::<lora_optim::AdafactorConfig>(args)?.build(groups)?),
+        "ademamix" => Box::new(optimizer_config::<lora_optim::AdEMAMixConfig>(args)?.build(groups)?),
+        "ademamix8bit" => {
+            Box::new(optimizer_config::<lora_optim::AdEMAMix8bitConfig>(args)?.build(groups)?)
+        }
+        other => bail!(
+            "optimizer_type = {other:?}: supported are AdamW, AdamW8bit, Adafactor, AdEMAMix, AdEMAMix8bit"
+        ),
+    })
+}
+
+/// The batches of a run.
+struct Data {
+    source: DataSource,
+    batches_per_epoch: usize,
+    total: u64,
+}
+
+/// Trains as the config says.
+///
+/// # Errors
+/// Config, data, model, training and I/O errors, each naming its file or key.
+pub fn run(cli: &RunOptions) -> Result<RunSummary> {
+    let mut cfg = Config::load(&cli.config)?;
+    if let Some(n) = cli.max_train_steps {
+        cfg.train.max_train_steps = n;
+        cfg.train.max_train_epochs = None;
+    }
+    if let Some(d) = &cli.output_dir {
+        cfg.args.output_dir.clone_from(d);
+    }
+    let a = &cfg.args;
+    let device = Device::cuda_if_available();
+
+    // Data.
+    let ds_path = a.dataset_config.as_ref().ok_or_else(|| {
+        anyhow!("{}: `dataset_config` is required (kohya's dataset TOML)", cfg.path.display())
+    })?;
+    let ds_cfg = DatasetGroupConfig::load(ds_path)?;
+    let group = DatasetGroup::build(
+        ds_cfg,
+        &LoadOptions { seed: cfg.train.seed, ..LoadOptions::default() },
+    )?;
+    let batches_per_epoch = group.batches_per_epoch();
+    let total = cfg.train.total_steps(batches_per_epoch);
+    let data =
+        Data { source: DataSource::new(Arc::new(group), 2, total), batches_per_epoch, total };
+
+    // Model with adapters.
+    tch::manual_seed(cfg.train.seed as i64);
+    let adapters = VarStore::new(device);
+    match a.model_family {
+        ModelFamily::Sd15 => run_sd15(&cfg, cli, &adapters, &data, device),
+        ModelFamily::Sdxl => run_sdxl(&cfg, cli, &adapters, &data, device),
+        ModelFamily::Flux => {
+            bail!("{}: model_family = \"flux\" is not supported", cfg.path.display())
+        }
+    }
+}
+
+/// SD 1.x / 2.x: one text encoder (`lora_te_`), diffusers-derived U-Net names.
+fn run_sd15(
+    cfg: &Config,
+    cli: &RunOptions,
+    adapters: &VarStore,
+    data: &Data,
+    device: Device,
+) -> Result<RunSummary> {
+    let a = &cfg.args;
+    let (ucfg, tcfg) = model::lora_configs(a).with_context(|| format!("{}", cfg.path.display()))?;
+    let unet_inj =
+        ucfg.as_ref().map(|c| Injector::new(adapters.root(), ModelPart::Unet, c)).transpose()?;
+    let te_inj =
+        tcfg.as_ref().map(|c| Injector::new(adapters.root(), ModelPart::Te, c)).transpose()?;
+    let plain = PlainLayers;
+    let uf: &dyn LayerFactory =
+        unet_inj.as_ref().map_or(&plain as &dyn LayerFactory, |i| i as &dyn LayerFactory);
+    let tf: &dyn LayerFactory =
+        te_inj.as_ref().map_or(&plain as &dyn LayerFactory, |i| i as &dyn LayerFactory);
+    let weights = model::read_weights(a)?;
+    let base = model::build_base(&weights, uf, tf, a.mixed_precision, device)?;
+    let injectors: Vec<&Injector<'_>> = unet_inj.iter().chain(te_inj.iter()).collect();
+    finish_injectors(a, &injectors)?;
+    // The stores own nothing the model does not share; they are kept for the run's length.
+    let model::Base { mut unet, vae, te, stores: _stores, dtype } = base;
+    if a.gradient_checkpointing {
+        unet.set_gradient_checkpointing(Checkpointing::On);
+    }
+    let sd = StableDiffusion {
+        unet,
+        text_encoder: te,
+        vae,
+        tokenizer: ClipTokenizer::openai(),
+        clip_skip: a.clip_skip,
+        max_token_length: a.max_token_length.unwrap_or(75),
+        train_text_encoder: te_inj.is_some(),
+        device,
+        dtype,
+    };
+    let groups = param_groups(a, unet_inj.as_ref(), te_inj.iter().collect());
+    let base_model = if a.v2 {
+        if cfg.loss.v_parameterization {
+            BaseModel::Sd2V
+        } else {
+            BaseModel::Sd2
+        }
+    } else {
+        BaseModel::Sd1
+    };
+    let meta = KohyaMetadata::new(base_model, a.output_name.clone());
+    train(cfg, cli, data, sd, &injectors, groups, meta, device)
+}
+
+/// SDXL: U-Net adapters under kohya's SGM names, both text encoders (`lora_te1_`,
+/// `lora_te2_`), SDXL metadata (`modelspec.prediction_type = v` under `v_parameterization`).
+fn run_sdxl(
+    cfg: &Config,
+    cli: &RunOptions,
+    adapters: &VarStore,
+    data: &Data,
+    device: Device,
+) -> Result<RunSummary> {
+    let a = &cfg.args;
+    let (ucfg, tcfg) = model::lora_configs(a).with_context(|| format!("{}", cfg.path.display()))?;
+    let weights = sdxl::read_weights(a)?;
+    let root = adapters.root();
+    let inj = sdxl::Injectors::new(&root, ucfg.as_ref(), tcfg.as_ref(), &weights.unet.0)?;
+    let base = sdxl::build_base(&weights, inj.factories(), a, device)?;
+    let injectors = inj.all();
+    finish_injectors(a, &injectors)?;
+    let train_te = inj.te1.is_some();
+    let (model, _stores) = base.into_pipeline(a, cfg.loss.v_parameterization, train_te, device);
+    let groups = param_groups(a, inj.unet.as_ref(), inj.te1.iter().chain(inj.te2.iter()).collect());
+    let meta = model.kohya_metadata(a.output_name.clone());
+    train(cfg, cli, data, model, &injectors, groups, meta, device)
+}
+
+/// Checks every target rule matched, then loads `network_weights` if given.
+fn finish_injectors(a: &args::TrainArgs, injectors: &[&Injector<'_>]) -> Result<()> {
+    for inj in injectors {
+        inj.finish()?;
+    }
+    if let Some(w) = &a.network_weights {
+        AdapterFile::read(w)?.apply(injectors)?;
+    }
+    Ok(())
+}
+
+/// Optimizer groups: the U-Net's at `unet_lr`, the text encoders' at `text_encoder_lr`
+/// (relative to `learning_rate`).
+fn param_groups(
+    a: &args::TrainArgs,
+    unet: Option<&Injector<'_>>,
+    text_encoders: Vec<&Injector<'_>>,
+) -> Vec<ParamGroup> {
+    let lr = a.learning_rate;
+    let mut groups = Vec::new();
+    if let Some(i) = unet {
+        groups.extend(i.param_groups(a.unet_lr.unwrap_or(lr) / lr));
+    }
+    for i in text_encoders {
+        groups.extend(i.param_groups(a.text_encoder_lr.unwrap_or(lr) / lr));
+    }
+    groups
+}
+
+/// The family-independent part: objective, optimizer, schedule, resuming, reporting, the run,
+/// the final file.
+#[allow(clippy::too_many_arguments, clippy::too_many_lines)]
+fn train<M>(
+    cfg: &Config,
+    cli: &RunOptions,
+    data: &Data,
+    model: M,
+    injectors: &[&Injector<'_>],
+    groups: Vec<ParamGroup>,
+    mut meta: KohyaMetadata,
+    device: Device,
+) -> Result<RunSummary>
+where
+    M: Denoiser<Batch = Batch> + SamplingModel,
+{
+    let a = &cfg.args;
+    let total = data.total;
+    // Objective, optimizer, schedule.
+    let objective = cfg.loss.build_diffusion()?;
+    let sampling_loss = cfg.loss.build_diffusion()?;
+    let lr = a.learning_rate;
+    let n_params: i64 =
+        groups.iter().flat_map(|g| g.params.iter()).map(|(_, t)| t.numel() as i64).sum();
+    let optimizer = build_optimizer(&a.optimizer_type, &a.optimizer_args, groups)?;
+    let kind: ScheduleKind =
+        toml::Value::String(a.lr_scheduler.clone()).try_into().map_err(|e| {
+            anyhow!("{}: `lr_scheduler` = {:?}: {e}", cfg.path.display(), a.lr_scheduler)
+        })?;
+    let schedule = LrScheduleConfig {
+        warmup_steps: a.lr_warmup_steps,
+        total_steps: Some(total),
+        num_cycles: a.lr_scheduler_num_cycles,
+        power: a.lr_scheduler_power,
+        ..LrScheduleConfig::new(kind)
+    }
+    .build(lr)?;
+    let mut trainer = Trainer::builder(model, objective)
+        .optimizer(optimizer)
+        .schedule(Box::new(schedule))
+        .config(cfg.train.clone())
+        .checkpoint_dir(a.output_dir.join("checkpoints"))
+        .build()?;
+    let resume = match (cli.resume.as_deref(), &a.resume) {
+        (Some("auto"), _) => latest_checkpoint(&a.output_dir.join("checkpoints"))?,
+        (Some(p), _) => Some(PathBuf::from(p)),
+        (None, r) => r.clone(),
+    };
+    if let Some(r) = &resume {
+        trainer.resume(r).with_context(|| format!("resuming from {}", r.display()))?;
+        eprintln!("resumed from {} at step {}", r.display(), trainer.state().step);
+    }
+
+    // Reporting.
+    for (k, v) in [
+        ("ss_learning_rate", lr.to_string()),
+        ("ss_unet_lr", a.unet_lr.unwrap_or(lr).to_string()),
+        ("ss_text_encoder_lr", a.text_encoder_lr.unwrap_or(lr).to_string()),
+        ("ss_max_train_steps", total.to_string()),
+        ("ss_optimizer", a.optimizer_type.clone()),
+        ("ss_lr_scheduler", a.lr_scheduler.clone()),
+        ("ss_seed", cfg.train.seed.to_string()),
+        ("ss_gradient_accumulation_steps", cfg.train.gradient_accumulation_steps.to_string()),
+        ("ss_max_grad_norm", cfg.train.max_grad_norm.to_string()),
+        ("ss_loss_type", format!("{:?}", cfg.loss.loss_type).to_lowercase()),
+        ("ss_training_comment", "trained with lora-rs train_network".to_string()),
+    ] {
+        meta.training.insert(k.into(), v);
+    }
+    let prompts = match &a.sample_prompts {
+        Some(p) => sample::read_prompts(p, 512)?,
+        None => Vec::new(),
+    };
+    let sampling = Sampling {
+        prompts,
+        sampler: a.sample_sampler.clone(),
+        schedule: sampling_loss.schedule(),
+        prediction: sampling_loss.prediction(),
+        every_n_steps: a.sample_every_n_steps,
+        every_n_epochs: a.sample_every_n_epochs,
+    };
+    let progress = (a.progress_bar && cli.progress).then_some((trainer.state().step, total));
+    let mut reporter = Reporter::new(
+        injectors.to_vec(),
+        meta,
+        a.save_precision,
+        &a.output_dir,
+        &a.output_name,
+        sampling,
+        progress,
+    )?;
+    eprintln!(
+        "train_network: {} adapters, {n_params} trainable parameters, {} batches/epoch, {total} steps, {:?} on {device:?}",
+        injectors.iter().map(|i| i.adapters().len()).sum::<usize>(),
+        data.batches_per_epoch,
+        a.optimizer_type,
+    );
+    let state = trainer.run(&data.source, &mut reporter)?;
+    let out = a.output_dir.join(format!("{}.safetensors", a.output_name));
+    reporter.save_lora(&out, &state)?;
+    reporter.finish(trainer.denoiser(), &state)?;
+    Ok(RunSummary {
+        lora: out,
+        losses: reporter.losses.clone(),
+        loss_curve: a.output_dir.join("loss.png"),
+        samples: reporter.samples.clone(),
+        state,
+    })
+}

@@ -1,0 +1,222 @@
+//! What the user sees while training: a progress bar (step, smoothed loss, lr, it/s), metrics as
+//! JSONL, a loss-curve PNG, sample images, and the LoRA file written into every checkpoint.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::pipeline::SamplingModel;
+use super::sample::{generate, SamplePrompt};
+use indicatif::{ProgressBar, ProgressStyle};
+use lora_core::io::{save_kohya, KohyaMetadata, SavePrecision};
+use lora_core::train::{Observer, StepReport, TrainState};
+use lora_core::Injector;
+use lora_loss::{NoiseSchedule, Prediction};
+
+/// Sampling settings.
+#[derive(Debug)]
+pub struct Sampling<'a> {
+    /// Prompts (empty: no samples).
+    pub prompts: Vec<SamplePrompt>,
+    /// `ddim` / `euler`.
+    pub sampler: String,
+    /// The training noise schedule.
+    pub schedule: &'a NoiseSchedule,
+    /// The model's prediction type.
+    pub prediction: Prediction,
+    /// kohya `sample_every_n_steps`.
+    pub every_n_steps: Option<u64>,
+    /// kohya `sample_every_n_epochs`.
+    pub every_n_epochs: Option<u32>,
+}
+
+/// The observer of `train_network`.
+#[derive(Debug)]
+pub struct Reporter<'a> {
+    /// Adapters, for the LoRA file.
+    pub injectors: Vec<&'a Injector<'a>>,
+    /// File metadata (training keys filled in).
+    pub meta: KohyaMetadata,
+    /// kohya `save_precision`.
+    pub precision: Option<SavePrecision>,
+    /// kohya `output_dir`.
+    pub output_dir: PathBuf,
+    /// kohya `output_name`.
+    pub output_name: String,
+    /// Sampling.
+    pub sampling: Sampling<'a>,
+    bar: Option<ProgressBar>,
+    metrics: BufWriter<File>,
+    /// `(step, loss)` of every micro-batch, for the curve.
+    pub losses: Vec<(f64, f64)>,
+    ema: Option<f64>,
+    started: Instant,
+    first_step: u64,
+    /// Sample images written.
+    pub samples: Vec<PathBuf>,
+    /// The step of the last sampling round (the final round is not repeated).
+    last_sampled: Option<u64>,
+}
+
+impl<'a> Reporter<'a> {
+    /// A reporter writing into `output_dir` (metrics appended to `metrics.jsonl`).
+    ///
+    /// # Errors
+    /// When the metrics file cannot be opened.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        injectors: Vec<&'a Injector<'a>>,
+        meta: KohyaMetadata,
+        precision: Option<SavePrecision>,
+        output_dir: &Path,
+        output_name: &str,
+        sampling: Sampling<'a>,
+        progress: Option<(u64, u64)>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(output_dir)?;
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(output_dir.join("metrics.jsonl"))?;
+        let bar = progress.map(|(done, total)| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_position(done);
+            bar
+        });
+        let first_step = progress.map_or(0, |p| p.0);
+        Ok(Self {
+            injectors,
+            meta,
+            precision,
+            output_dir: output_dir.to_path_buf(),
+            output_name: output_name.to_string(),
+            sampling,
+            bar,
+            metrics: BufWriter::new(metrics),
+            losses: Vec::new(),
+            ema: None,
+            started: Instant::now(),
+            first_step,
+            samples: Vec::new(),
+            last_sampled: None,
+        })
+    }
+
+    /// Writes the LoRA file to `path` with `steps` in its metadata.
+    ///
+    /// # Errors
+    /// Save errors.
+    pub fn save_lora(&self, path: &Path, state: &TrainState) -> lora_core::Result<()> {
+        let mut meta = self.meta.clone();
+        meta.training.insert("ss_steps".into(), state.step.to_string());
+        meta.training.insert("ss_epoch".into(), state.epoch.to_string());
+        save_kohya(path, &self.injectors, self.precision, None, &meta)
+    }
+
+    fn sample<M: SamplingModel>(&mut self, model: &M, step: u64) -> lora_core::Result<()> {
+        if self.sampling.prompts.is_empty() || self.last_sampled == Some(step) {
+            return Ok(());
+        }
+        self.last_sampled = Some(step);
+        if let Some(bar) = &self.bar {
+            bar.set_message("sampling...");
+        }
+        let paths = generate(
+            model,
+            self.sampling.schedule,
+            self.sampling.prediction,
+            &self.sampling.sampler,
+            &self.sampling.prompts,
+            &self.output_dir.join("sample"),
+            &self.output_name,
+            step,
+        )
+        .map_err(|e| lora_core::Error::Data(e.into()))?;
+        self.samples.extend(paths);
+        Ok(())
+    }
+
+    /// Samples at the end of training, flushes metrics, draws the loss curve, and finishes the
+    /// progress bar.
+    ///
+    /// # Errors
+    /// I/O and sampling errors.
+    pub fn finish<M: SamplingModel>(
+        &mut self,
+        model: &M,
+        state: &TrainState,
+    ) -> anyhow::Result<()> {
+        self.metrics.flush()?;
+        if let Some(bar) = &self.bar {
+            bar.finish_with_message(format!("done: {} steps", state.step));
+        }
+        if !self.losses.is_empty() {
+            crate::plot::write_line_chart(
+                self.output_dir.join("loss.png"),
+                &[("loss", &self.losses, [40, 90, 200])],
+                "training loss",
+                "step",
+                "loss",
+            )?;
+        }
+        self.sample(model, state.step)?;
+        Ok(())
+    }
+}
+
+impl<M: SamplingModel> Observer<M> for Reporter<'_> {
+    fn on_step(&mut self, model: &M, r: &StepReport, state: &TrainState) -> lora_core::Result<()> {
+        let io =
+            |e: std::io::Error| lora_core::Error::Io { path: "metrics.jsonl".into(), source: e };
+        if r.loss.is_finite() {
+            self.ema = Some(self.ema.map_or(r.loss, |e| 0.9 * e + 0.1 * r.loss));
+            self.losses.push((state.micro_batches as f64, r.loss));
+        }
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let its = (r.step - self.first_step) as f64 / secs;
+        let line = serde_json::json!({
+            "step": r.step, "epoch": state.epoch, "micro_batch": state.micro_batches,
+            "loss": r.loss, "loss_ema": self.ema, "lr": r.lr, "grad_norm": r.grad_norm,
+            "skipped": r.skipped, "it_per_s": its,
+        });
+        writeln!(self.metrics, "{line}").map_err(io)?;
+        if let Some(bar) = &self.bar {
+            bar.set_position(r.step);
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {its:.2} it/s",
+                self.ema.unwrap_or(f64::NAN),
+                r.lr
+            ));
+        }
+        if r.cycle_done && self.sampling.every_n_steps.is_some_and(|n| r.step % n == 0) {
+            self.sample(model, r.step)?;
+        }
+        Ok(())
+    }
+
+    fn on_epoch_end(&mut self, model: &M, state: &TrainState) -> lora_core::Result<()> {
+        if self.sampling.every_n_epochs.is_some_and(|n| state.epoch % n == 0) {
+            self.sample(model, state.step)?;
+        }
+        Ok(())
+    }
+
+    fn on_checkpoint(&mut self, dir: &Path, state: &TrainState) -> lora_core::Result<()> {
+        self.metrics
+            .flush()
+            .map_err(|e| lora_core::Error::Io { path: "metrics.jsonl".into(), source: e })?;
+        let name = format!("{}.safetensors", self.output_name);
+        self.save_lora(&dir.join(&name), state)?;
+        // kohya's intermediate file next to the final one.
+        let side =
+            self.output_dir.join(format!("{}-{:06}.safetensors", self.output_name, state.step));
+        self.save_lora(&side, state)
+    }
+}

@@ -1,0 +1,66 @@
+//! [`DataSource`]: a [`DatasetGroup`] as the training step's `BatchSource`.
+
+use std::sync::Arc;
+
+use lora_core::train::BatchSource;
+
+use crate::batch::Batch;
+use crate::error::Error;
+use crate::loader::{DatasetGroup, Loader, LoaderConfig};
+
+/// Feeds [`lora_core::train::Trainer::run`] from a [`DatasetGroup`] through a prefetching
+/// [`Loader`] per epoch. Resuming mid-epoch starts the loader at the saved batch without
+/// loading the ones before it.
+#[derive(Debug, Clone)]
+pub struct DataSource {
+    group: Arc<DatasetGroup>,
+    prefetch: usize,
+    max_train_steps: u64,
+}
+
+impl DataSource {
+    /// A source over `group`, keeping `prefetch` batches ready; `max_train_steps` feeds the
+    /// fractional caption token warm-up.
+    #[must_use]
+    pub fn new(group: Arc<DatasetGroup>, prefetch: usize, max_train_steps: u64) -> Self {
+        Self { group, prefetch, max_train_steps }
+    }
+
+    /// The dataset group.
+    #[must_use]
+    pub fn group(&self) -> &Arc<DatasetGroup> {
+        &self.group
+    }
+}
+
+/// lora-data's error as the core error (a core error inside it is unwrapped).
+#[must_use]
+pub fn into_core(e: Error) -> lora_core::Error {
+    match e {
+        Error::Core(c) => c,
+        other => lora_core::Error::Data(Box::new(other)),
+    }
+}
+
+impl BatchSource for DataSource {
+    type Batch = Batch;
+
+    fn batches_per_epoch(&self) -> usize {
+        self.group.batches_per_epoch()
+    }
+
+    fn epoch(
+        &self,
+        epoch: u32,
+        skip: usize,
+        first_step: u64,
+    ) -> Box<dyn Iterator<Item = lora_core::Result<Batch>> + '_> {
+        let config = LoaderConfig {
+            prefetch: self.prefetch,
+            first_step,
+            max_train_steps: self.max_train_steps,
+        };
+        let loader = Loader::epoch_from(Arc::clone(&self.group), epoch, skip, config);
+        Box::new(loader.map(|b| b.map_err(into_core)))
+    }
+}
