@@ -278,6 +278,9 @@ impl Config {
                 a.network_module
             );
         }
+        if !matches!(a.sample_sampler.as_str(), "ddim" | "euler") {
+            bail!("{p}: `sample_sampler` = {:?}: use ddim or euler", a.sample_sampler);
+        }
         if a.save_model_as != "safetensors" {
             bail!("{p}: `save_model_as` = {:?}: only safetensors is supported", a.save_model_as);
         }

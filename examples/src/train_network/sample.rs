@@ -67,6 +67,19 @@ pub fn read_prompts(path: &Path, default_size: i64) -> Result<Vec<SamplePrompt>>
                 _ => bail!("{}:{}: unknown option `--{k}`", path.display(), n + 1),
             }
         }
+        // Checked here, before training, rather than failing at the first sampling round.
+        let at = || format!("{}:{}", path.display(), n + 1);
+        for (name, v) in [("--w", p.width), ("--h", p.height)] {
+            if v < 8 || v % 8 != 0 {
+                bail!("{}: `{name} {v}`: must be a positive multiple of 8", at());
+            }
+        }
+        if !(1..=1000).contains(&p.steps) {
+            bail!("{}: `--s {}`: steps must be in 1..=1000", at(), p.steps);
+        }
+        if !p.scale.is_finite() {
+            bail!("{}: `--l {}`: guidance scale must be finite", at(), p.scale);
+        }
         out.push(p);
     }
     Ok(out)
@@ -143,4 +156,50 @@ fn write_png(image: &Tensor, path: &Path) -> Result<()> {
     buf.save_with_format(&tmp, image::ImageFormat::Png)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<SamplePrompt>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prompts.txt");
+        std::fs::write(&path, text).unwrap();
+        read_prompts(&path, 512)
+    }
+
+    #[test]
+    fn options_parse_as_kohya_writes_them() {
+        let p =
+            parse("# c\na cat --n blurry --w 128 --h 64 --s 20 --l 5 --d 7\n\nplain\n").unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p[0],
+            SamplePrompt {
+                prompt: "a cat".into(),
+                negative: "blurry".into(),
+                width: 128,
+                height: 64,
+                steps: 20,
+                scale: 5.0,
+                seed: Some(7),
+            }
+        );
+        assert_eq!((p[1].width, p[1].steps, p[1].seed), (512, 30, None));
+    }
+
+    #[test]
+    fn bad_values_name_the_line_and_option() {
+        for (line, want) in [
+            ("x --w 100", "--w 100"),
+            ("x --h 0", "--h 0"),
+            ("x --s 0", "--s 0"),
+            ("x --s many", "--s many"),
+            ("x --q 1", "--q"),
+        ] {
+            let e = parse(&format!("ok\n{line}\n")).unwrap_err().to_string();
+            assert!(e.contains("prompts.txt:2") && e.contains(want), "{line}: {e}");
+        }
+    }
 }

@@ -53,3 +53,27 @@ fn unknown_network_arg_names_the_file_and_the_key() {
     let m = run_error(dir.path(), "\"conv_dim=4\"", "\"conv_dimm=4\"");
     assert!(m.contains("network_args") && m.contains("conv_dimm"), "{m}");
 }
+
+/// A sampler or prompt option that cannot work is rejected before any training step, not at
+/// the first sampling round.
+#[test]
+fn sampling_settings_are_checked_before_training() {
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup { prompt: Some("a photo --s 2"), ..Setup::default() };
+    let path = write_config(dir.path(), &setup);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("sample_sampler = \"ddim\"", "sample_sampler = \"dpm\""))
+        .unwrap();
+    let m = format!("{:#}", Config::load(&path).unwrap_err());
+    assert!(m.contains("`sample_sampler`") && m.contains("dpm"), "{m}");
+    assert!(m.contains(&path.display().to_string()), "{m}");
+
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(dir.path().join("prompts.txt"), "a photo --w 100\n").unwrap();
+    let ran = run(&RunOptions { config: path.clone(), ..RunOptions::default() });
+    let m = format!("{:#}", ran.expect_err("the prompt must be rejected"));
+    assert!(m.contains("prompts.txt:1") && m.contains("--w 100"), "{m}");
+    assert!(!dir.path().join("out/checkpoints").exists(), "nothing trained");
+    assert!(!dir.path().join("out/metrics.jsonl").exists(), "nothing trained");
+}
