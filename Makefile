@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 ENV := source scripts/env.sh
 
-.PHONY: test demo demo-sdxl provision fmt clippy bench
+.PHONY: test demo demo-sdxl demo-flux provision fmt clippy bench
 
 provision:
 	@$(ENV) && echo "libtorch: $$(readlink .libtorch)"
@@ -29,6 +29,12 @@ demo:
 demo-sdxl:
 	@$(ENV) && cargo run --profile test -p lora-examples --example train_network -- \
 		--config examples/demo/train_sdxl.toml --output_dir output/sdxl $(DEMO_ARGS)
+
+# The same with a tiny FLUX.1-dev-shaped model (flow matching, T5 + CLIP-L, 16-channel
+# latents, kohya's BFL LoRA names): output/flux/.
+demo-flux:
+	@$(ENV) && cargo run --profile test -p lora-examples --example train_network -- \
+		--config examples/demo/train_flux.toml --output_dir output/flux $(DEMO_ARGS)
 
 fmt:
 	@$(ENV) && cargo fmt --all

@@ -49,6 +49,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Ranks other than 0 of a data-parallel run (`torchrun`) wrote nothing to report.
+    if std::env::var("RANK").is_ok_and(|r| r.trim() != "0") {
+        return ExitCode::SUCCESS;
+    }
     println!("wrote {}", summary.lora.display());
     if let (Some(f), Some(l)) = (summary.losses.first(), summary.losses.last()) {
         let n = summary.losses.len().min(10);

@@ -19,6 +19,10 @@ pub enum ModelPart {
     Te1,
     /// SDXL's second text encoder (OpenCLIP-bigG): `lora_te2_`.
     Te2,
+    /// FLUX.1's T5-XXL encoder: `lora_te3_` (kohya names it so for ComfyUI; FLUX's CLIP-L is
+    /// [`ModelPart::Te1`]). Its PEFT prefix is `text_encoder_2`, the T5 slot of diffusers'
+    /// `FluxPipeline`.
+    Te3,
 }
 
 impl ModelPart {
@@ -29,6 +33,7 @@ impl ModelPart {
             ModelPart::Te => "lora_te",
             ModelPart::Te1 => "lora_te1",
             ModelPart::Te2 => "lora_te2",
+            ModelPart::Te3 => "lora_te3",
         }
     }
 
@@ -37,7 +42,7 @@ impl ModelPart {
         match self {
             ModelPart::Unet => "unet",
             ModelPart::Te | ModelPart::Te1 => "text_encoder",
-            ModelPart::Te2 => "text_encoder_2",
+            ModelPart::Te2 | ModelPart::Te3 => "text_encoder_2",
         }
     }
 
@@ -165,6 +170,31 @@ pub struct LoraConfig {
     /// LoRA+ ratios. Defaults to none.
     #[serde(default)]
     pub lora_plus: LoraPlusConfig,
+    /// Layers whose LoRA is split into independent pairs, one per output chunk (kohya's FLUX
+    /// `split_qkv`). Defaults to none. See [`SplitRule`].
+    #[serde(default)]
+    pub split: Vec<SplitRule>,
+}
+
+/// Splits the LoRA of the Linear layers `pattern` matches into one independent (down, up)
+/// pair of the resolved rank `r` per output chunk of `dims` (kohya's FLUX `split_qkv`: three
+/// chunks on a fused qkv projection, four on a single block's `linear1`), as diffusers' and
+/// ai-toolkit's separate `to_q` / `to_k` / `to_v` adapters are.
+///
+/// The pairs are stored fused, as kohya saves them: `lora_down` is the `k` downs stacked
+/// (`[k*r, in]`), `lora_up` holds the ups on its block diagonal (`[out, k*r]`, zero elsewhere,
+/// and only the diagonal blocks receive gradients). The adapter's rank is therefore `k*r` and
+/// its alpha `k*alpha`, so that `alpha / rank` is the pairs' own scale `alpha / r` and every
+/// loader that reads the file as a plain rank-`k*r` LoRA computes the trained delta (kohya
+/// keeps alpha unchanged there, which makes such loaders apply `1/k` of it: sd-scripts
+/// issue #2204).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitRule {
+    /// Which Linear layers to split; matching nothing is an error at [`crate::Injector::finish`].
+    pub pattern: Pattern,
+    /// The output chunk sizes, in order; they must sum to the layer's output width.
+    pub dims: Vec<i64>,
 }
 
 impl LoraConfig {
@@ -188,6 +218,7 @@ impl LoraConfig {
             block_wise: None,
             block_arch: None,
             lora_plus: LoraPlusConfig::default(),
+            split: Vec::new(),
         }
     }
 
@@ -230,6 +261,17 @@ impl LoraConfig {
             && self.block_arch.is_none()
         {
             return bad("block_arch", "required with block_wise (sd or sdxl)");
+        }
+        for rule in &self.split {
+            if rule.dims.is_empty() || rule.dims.iter().any(|&d| d <= 0) {
+                return bad("split.dims", "needs at least one chunk, every size > 0");
+            }
+        }
+        if !self.split.is_empty() && (self.rs_lora || matches!(self.algo, Algo::Dylora { .. })) {
+            return bad(
+                "split",
+                "split LoRA layers support plain LoRA only (no rsLoRA, no DyLoRA)",
+            );
         }
         for (k, v) in [
             ("lora_plus.lr_ratio", self.lora_plus.lr_ratio),

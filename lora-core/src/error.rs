@@ -57,6 +57,20 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// An operation that needs a full-precision base weight was asked of a quantized one
+    /// (folding an adapter in would re-quantize the sum and lose most of the adapter).
+    #[error(
+        "`{path}`: cannot {op} a quantized base ({format}); build the model without \
+         `quant` to merge, or keep the adapter separate"
+    )]
+    QuantizedBase {
+        /// Module path (or weight key) of the quantized weight.
+        path: String,
+        /// What was refused (`merge an adapter into`).
+        op: String,
+        /// The storage format (`fp8_e4m3fn`, `int8`, or the tensor kind).
+        format: String,
+    },
 
     // --- Files -----------------------------------------------------------------------------
     /// A file could not be read or written.
@@ -98,6 +112,22 @@ pub enum Error {
     /// An error raised by the native shim (libtorch's C++ API).
     #[error("native shim: {0}")]
     Native(String),
+    /// A collective or the rendezvous of a distributed run failed: another rank died or
+    /// stopped answering within the timeout (`ddp_timeout`), or the network broke.
+    #[error(
+        "distributed run, rank {rank} of {world_size}: {op} failed: {reason} (another rank \
+         died, or did not answer within the timeout)"
+    )]
+    Distributed {
+        /// This process's rank.
+        rank: usize,
+        /// Number of processes.
+        world_size: usize,
+        /// The operation (`rendezvous`, `all_reduce`, `broadcast`, `barrier`).
+        op: String,
+        /// libtorch's message.
+        reason: String,
+    },
 }
 
 /// `Result` with [`Error`] as the default error type.

@@ -9,7 +9,9 @@ use tch::{Kind, Tensor};
 use crate::blocks::BlockArch;
 use crate::config::{Algo, InitKind, LoraConfig, ModelPart};
 use crate::factory::{Layer, LayerFactory};
+use crate::layer::LoraSplitLinear;
 use crate::layer::{Branch, BranchOpts, LoraConv2d, LoraLinear, Shared};
+use crate::quant::{QuantBase, QuantLinear};
 use crate::report::{AdapterInfo, GroupInfo, LayerKind, Role, SelectionReport};
 use crate::rules::{Defaults, Resolved, RuleSet};
 use crate::target::Matcher;
@@ -41,6 +43,10 @@ pub struct Injector<'a> {
     lora_plus: Option<f64>,
     first_group: usize,
     config: Option<LoraConfig>,
+    /// [`crate::SplitRule`]s: matcher and output chunks.
+    split: Vec<(Matcher, Vec<i64>)>,
+    /// The quantized frozen base, when the part has one.
+    quant: Option<QuantBase>,
     state: Mutex<State>,
 }
 
@@ -73,6 +79,7 @@ struct State {
     include_hits: Vec<usize>,
     exclude_hits: Vec<usize>,
     rule_hits: Vec<usize>,
+    split_hits: Vec<usize>,
     entries: Vec<Entry>,
     names: HashMap<String, usize>,
     groups: Vec<GroupInfo>,
@@ -89,6 +96,8 @@ struct NewAdapter<'t> {
     down_dims: &'t [i64],
     /// `[out, rank]` or `[out, rank, 1, 1]`.
     up_dims: &'t [i64],
+    /// The base's quantized format, if any.
+    quantized: Option<crate::QuantFormat>,
 }
 
 #[derive(Debug)]
@@ -97,6 +106,8 @@ pub(crate) struct Entry {
     pub(crate) weight: Tensor,
     pub(crate) alpha: Tensor,
     pub(crate) branch: Branch,
+    /// The quantized base's format, when the base is quantized (merging is refused).
+    pub(crate) quantized: Option<crate::QuantFormat>,
 }
 
 impl Entry {
@@ -143,6 +154,7 @@ impl<'a> Injector<'a> {
             include_hits: vec![0; cfg.include.len()],
             exclude_hits: vec![0; cfg.exclude.len()],
             rule_hits: vec![0; n_block_rules + cfg.rules.len()],
+            split_hits: vec![0; cfg.split.len()],
             ..State::default()
         };
         Ok(Injector {
@@ -167,6 +179,12 @@ impl<'a> Injector<'a> {
             lora_plus: cfg.lora_plus.ratio(part),
             first_group: 0,
             config: Some(cfg.clone()),
+            split: cfg
+                .split
+                .iter()
+                .map(|r| Ok((r.pattern.compile()?, r.dims.clone())))
+                .collect::<Result<_>>()?,
+            quant: None,
             state: Mutex::new(state),
         })
     }
@@ -198,6 +216,8 @@ impl<'a> Injector<'a> {
             lora_plus: None,
             first_group: 0,
             config: None,
+            split: Vec::new(),
+            quant: None,
             state: Mutex::new(State::default()),
         }
     }
@@ -241,6 +261,17 @@ impl<'a> Injector<'a> {
     #[must_use]
     pub fn with_first_group(mut self, first: usize) -> Self {
         self.first_group = first;
+        self
+    }
+
+    /// Stores the weights of this part's Linears that `quant` selects quantized
+    /// ([`crate::quant`]): adapted ones become [`LoraLinear`]s over the quantized base, the
+    /// others [`QuantLinear`]s. Conv2d layers stay plain. The quantized weights go to
+    /// `quant`'s store for the checkpoint loader; [`Injector::merge`] is then refused for
+    /// them.
+    #[must_use]
+    pub fn with_quantized_base(mut self, quant: &QuantBase) -> Self {
+        self.quant = Some(quant.clone());
         self
     }
 
@@ -379,6 +410,11 @@ impl<'a> Injector<'a> {
                             items.push(format!("rule {}", r.pattern));
                         }
                     }
+                    for ((m, _), &h) in self.split.iter().zip(&s.split_hits) {
+                        if h == 0 {
+                            items.push(format!("split {}", m.pattern()));
+                        }
+                    }
                 }
                 Selection::Names(names) => {
                     let mut missing: Vec<String> =
@@ -426,9 +462,17 @@ impl<'a> Injector<'a> {
     /// [`Injector::unmerge`] restores them bit-exactly.
     ///
     /// # Errors
-    /// When an adapter is already merged.
+    /// [`Error::QuantizedBase`] (nothing merged) when an adapter sits on a quantized base;
+    /// when an adapter is already merged.
     pub fn merge(&self) -> Result<()> {
         let s = self.lock()?;
+        if let Some(e) = s.entries.iter().find(|e| e.quantized.is_some()) {
+            return Err(Error::QuantizedBase {
+                path: e.info.path.clone(),
+                op: "merge an adapter into".into(),
+                format: e.quantized.map(|f| f.to_string()).unwrap_or_default(),
+            });
+        }
         s.entries.iter().try_for_each(|e| e.branch.merge(&e.weight))
     }
 
@@ -498,6 +542,23 @@ impl<'a> Injector<'a> {
         }
     }
 
+    /// The output chunks of the [`crate::SplitRule`] matching `path` (the first one), checked
+    /// against the layer's output width.
+    fn split_of(&self, s: &mut State, path: &str, out_dim: i64) -> Result<Option<Vec<i64>>> {
+        let Some(i) = self.split.iter().position(|(m, _)| m.is_match(path)) else {
+            return Ok(None);
+        };
+        s.split_hits[i] += 1;
+        let dims = &self.split[i].1;
+        if dims.iter().sum::<i64>() != out_dim {
+            return Err(Error::Config {
+                key: format!("{path}.split"),
+                reason: format!("chunks {dims:?} do not sum to the output width {out_dim}"),
+            });
+        }
+        Ok(Some(dims.clone()))
+    }
+
     fn group(&self, s: &mut State, block: Option<usize>, lr_weight: f64, role: Role) -> usize {
         let lr_multiplier = match (role, self.lora_plus) {
             (Role::Up, Some(ratio)) => lr_weight * ratio,
@@ -517,7 +578,7 @@ impl<'a> Injector<'a> {
 
     /// Creates the adapter tensors and registers the entry.
     fn make_branch(&self, s: &mut State, new: NewAdapter<'_>) -> Result<Branch> {
-        let NewAdapter { path, layer, weight, res, down_dims, up_dims } = new;
+        let NewAdapter { path, layer, weight, res, down_dims, up_dims, quantized } = new;
         let Resolved { rank, alpha, lr_weight } = res;
         let name = self.kohya_name(path);
         if s.names.contains_key(&name) || self.adapters.get(&name).is_some() {
@@ -590,6 +651,7 @@ impl<'a> Injector<'a> {
             weight: weight.shallow_clone(),
             alpha: alpha_t,
             branch: branch.share(),
+            quantized,
         });
         Ok(branch)
     }
@@ -605,22 +667,56 @@ impl LayerFactory for Injector<'_> {
     ) -> Result<Layer> {
         let path = self.module_path(&vs)?;
         let mut s = self.lock()?;
-        let Some(res) = self.select(&mut s, &vs, &path, false)? else {
-            return Ok(Box::new(nn::linear(vs, in_dim, out_dim, cfg)));
+        let selected = self.select(&mut s, &vs, &path, false)?;
+        let quant = self.quant.as_ref().filter(|q| q.selects(self.part, &path));
+        let Some(res) = selected else {
+            return Ok(match quant {
+                Some(q) => {
+                    let (weight, bias) = q.make_linear(&vs, in_dim, out_dim, &cfg)?;
+                    Box::new(QuantLinear { weight, bias })
+                }
+                None => Box::new(nn::linear(vs, in_dim, out_dim, cfg)),
+            });
         };
-        let base = nn::linear(&vs, in_dim, out_dim, cfg);
+        let (weight, bias, quant) = match quant {
+            Some(q) => {
+                let (qw, bias) = q.make_linear(&vs, in_dim, out_dim, &cfg)?;
+                (qw.values().shallow_clone(), bias, Some(qw))
+            }
+            None => {
+                let base = nn::linear(&vs, in_dim, out_dim, cfg);
+                (base.ws, base.bs, None)
+            }
+        };
+        // kohya's split_qkv: k pairs of rank r stored as one rank-k*r branch (alpha k*alpha).
+        let split = self.split_of(&mut s, &path, out_dim)?;
+        let res = match &split {
+            Some(dims) => {
+                let k = dims.len() as i64;
+                Resolved { rank: res.rank * k, alpha: res.alpha * k as f64, ..res }
+            }
+            None => res,
+        };
         let layer = LayerKind::Linear { in_dim, out_dim };
         let (down_dims, up_dims) = ([res.rank, in_dim], [out_dim, res.rank]);
         let new = NewAdapter {
             path: &path,
             layer,
-            weight: &base.ws,
+            weight: &weight,
             res,
             down_dims: &down_dims,
             up_dims: &up_dims,
+            quantized: quant.as_ref().map(|q| q.format()),
         };
         let branch = self.make_branch(&mut s, new)?;
-        Ok(Box::new(LoraLinear { weight: base.ws, bias: base.bs, branch }))
+        if let Some(dims) = split {
+            let base: Layer = match quant {
+                Some(weight) => Box::new(QuantLinear { weight, bias }),
+                None => Box::new(nn::Linear { ws: weight, bs: bias }),
+            };
+            return Ok(Box::new(LoraSplitLinear::new(base, branch, dims)?));
+        }
+        Ok(Box::new(LoraLinear { weight, bias, branch, quant }))
     }
 
     fn conv2d(
@@ -652,6 +748,7 @@ impl LayerFactory for Injector<'_> {
             res,
             down_dims: &down_dims,
             up_dims: &up_dims,
+            quantized: None,
         };
         let branch = self.make_branch(&mut s, new)?;
         Ok(Box::new(LoraConv2d {

@@ -14,12 +14,19 @@
 //!   [`Rule`]s say, including kohya's block-wise lists ([`BlockWiseConfig`]); its
 //!   [`SelectionReport`] says which module got which rank / alpha / LR multiplier and its
 //!   [`GroupInfo`]s give LoRA+ / block-LR optimizer groups.
+//!   [`SplitRule`]s make [`LoraSplitLinear`]s: independent pairs per output chunk of a fused
+//!   projection (kohya's FLUX `split_qkv`), saved fused with alpha x chunks.
 //! - [`io`]: kohya (`lora_unet_...`, `ss_*` metadata) and PEFT / diffusers (`lora_A` /
 //!   `lora_B`) safetensors files, read and written.
 //! - [`register_post_accumulate_grad_hook`] / [`clear_grad`]: libtorch's post-accumulate-grad
 //!   hooks, which tch does not expose, through a small native shim (see `native/README.md`).
 //!   They make a fused backward pass possible (step each parameter inside backward and free
 //!   its gradient at once).
+//! - [`quant`]: a weight-only quantized frozen base (fp8 e4m3fn or int8 with per-channel
+//!   scales) for Linears, selectable per part ([`QuantConfig`]), streamed from checkpoints
+//!   into its slots; merging into it is refused.
+//! - [`dist`]: data-parallel training over libtorch's c10d (Gloo process groups from
+//!   `torchrun`'s environment, bucketed gradient averaging), through the same shim.
 //!
 //! # Design decisions
 //!
@@ -46,6 +53,7 @@
 
 mod blocks;
 mod config;
+pub mod dist;
 mod error;
 mod factory;
 mod fused;
@@ -53,19 +61,21 @@ mod hook;
 mod inject;
 pub mod io;
 mod layer;
+pub mod quant;
 mod report;
 mod rules;
 mod target;
 pub mod train;
 
 pub use blocks::{BlockArch, BlockWiseConfig};
-pub use config::{Algo, InitKind, LoraConfig, LoraPlusConfig, ModelPart};
+pub use config::{Algo, InitKind, LoraConfig, LoraPlusConfig, ModelPart, SplitRule};
 pub use error::{Error, Result};
 pub use factory::{Layer, LayerFactory, PlainLayers};
 pub use fused::{FusedBackward, FusedMode, ParamStep};
 pub use hook::{clear_grad, register_post_accumulate_grad_hook, GradHookHandle};
 pub use inject::Injector;
-pub use layer::{LoraConv2d, LoraLinear};
+pub use layer::{LoraConv2d, LoraLinear, LoraSplitLinear};
+pub use quant::{QuantBase, QuantConfig, QuantFormat, QuantLayers};
 pub use report::{AdapterInfo, GroupInfo, LayerKind, Role, SelectionReport};
 pub use rules::{Resolved, Rule};
 pub use target::{kohya_targets, Matcher, Pattern};

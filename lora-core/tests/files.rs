@@ -144,6 +144,31 @@ fn kohya_keys_and_metadata() {
     assert_eq!(md["sshs_legacy_hash"].len(), 8);
 }
 
+/// FLUX metadata as kohya's `flux_train_network.py` writes it: `flux1`, the BFL implementation,
+/// and no `modelspec.prediction_type` (flow matching has none).
+#[test]
+fn kohya_flux_metadata() {
+    let (base, ad) = trained(12);
+    let inj = Injector::new(ad.root(), ModelPart::Unet, &config(4, 3.0)).unwrap();
+    let _m = build(&base, &inj);
+    let dir = tempfile::tempdir().unwrap();
+    for (model, arch) in
+        [(BaseModel::FluxDev, "flux-1-dev/lora"), (BaseModel::FluxSchnell, "flux-1-schnell/lora")]
+    {
+        let path = dir.path().join("f.safetensors");
+        save_kohya(&path, &[&inj], None, None, &KohyaMetadata::new(model, "f")).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let md = header.metadata().clone().unwrap();
+        assert_eq!(md["ss_base_model_version"], "flux1");
+        assert_eq!(md["ss_v2"], "False");
+        assert_eq!(md["modelspec.architecture"], arch);
+        assert_eq!(md["modelspec.implementation"], "https://github.com/black-forest-labs/flux");
+        assert_eq!(md["modelspec.resolution"], "1024x1024");
+        assert!(!md.contains_key("modelspec.prediction_type"));
+    }
+}
+
 /// kohya's `create_network_from_weights`: an injector built from the file adapts exactly the
 /// file's modules with its ranks and alphas; PEFT save folds alpha into B.
 #[test]

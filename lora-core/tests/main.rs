@@ -5,4 +5,5 @@ mod files;
 mod hook;
 mod laws;
 mod peft_golden;
+mod quant;
 mod selection;

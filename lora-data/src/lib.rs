@@ -13,7 +13,8 @@
 //!   balancing; [`Dataset::epoch_plan`] gives kohya's bucket-homogeneous batches for a seed;
 //!   [`Dataset::load_batch`] decodes, resizes (SIMD), crops, flips and normalises a batch in
 //!   parallel into a [`Batch`] of tensors.
-//! - [`Loader`]: a bounded prefetching iterator over an epoch of a [`DatasetGroup`].
+//! - [`Loader`]: a bounded prefetching iterator over an epoch of a [`DatasetGroup`];
+//!   [`Shard`] gives each process of a data-parallel run its share of every epoch.
 //! - [`DiskCache`] / [`CacheKey`]: latents and text-encoder outputs on disk, content-keyed.
 //! - [`PyRandom`]: CPython's `random` bit for bit, so random decisions match kohya's.
 //!
@@ -34,6 +35,7 @@ mod error;
 mod image_io;
 mod loader;
 mod pyrandom;
+mod shard;
 mod source;
 mod transform;
 
@@ -53,5 +55,6 @@ pub use image_io::{
 };
 pub use loader::{DatasetGroup, Loader, LoaderConfig};
 pub use pyrandom::PyRandom;
+pub use shard::Shard;
 pub use source::{into_core, DataSource};
 pub use transform::{crop_offsets, Interpolation, Pixels};

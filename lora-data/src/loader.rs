@@ -15,6 +15,7 @@ use crate::config::DatasetGroupConfig;
 use crate::dataset::{Dataset, LoadOptions};
 use crate::error::{Error, Result};
 use crate::pyrandom::PyRandom;
+use crate::shard::Shard;
 
 /// All `[[datasets]]` of a config (kohya's `DatasetGroup`).
 #[derive(Debug, Clone)]
@@ -113,8 +114,21 @@ impl Loader {
         skip: usize,
         config: LoaderConfig,
     ) -> Self {
+        Self::epoch_shard(group, epoch, skip, Shard::WHOLE, config)
+    }
+
+    /// As [`Loader::epoch_from`] for one rank of a data-parallel run: only `shard`'s batches
+    /// of the epoch ([`Shard::select`]); `skip` counts this rank's batches.
+    #[must_use]
+    pub fn epoch_shard(
+        group: Arc<DatasetGroup>,
+        epoch: u32,
+        skip: usize,
+        shard: Shard,
+        config: LoaderConfig,
+    ) -> Self {
         let plan: Vec<(usize, BatchPlan)> =
-            group.epoch_plan(epoch).into_iter().skip(skip).collect();
+            shard.select(group.epoch_plan(epoch)).into_iter().skip(skip).collect();
         let remaining = plan.len();
         let (tx, rx) = sync_channel(config.prefetch.max(1));
         let worker = std::thread::Builder::new().name(format!("lora-data-loader-e{epoch}")).spawn(

@@ -7,6 +7,7 @@ use lora_core::train::BatchSource;
 use crate::batch::Batch;
 use crate::error::Error;
 use crate::loader::{DatasetGroup, Loader, LoaderConfig};
+use crate::shard::Shard;
 
 /// Feeds [`lora_core::train::Trainer::run`] from a [`DatasetGroup`] through a prefetching
 /// [`Loader`] per epoch. Resuming mid-epoch starts the loader at the saved batch without
@@ -16,6 +17,7 @@ pub struct DataSource {
     group: Arc<DatasetGroup>,
     prefetch: usize,
     max_train_steps: u64,
+    shard: Shard,
 }
 
 impl DataSource {
@@ -23,7 +25,21 @@ impl DataSource {
     /// fractional caption token warm-up.
     #[must_use]
     pub fn new(group: Arc<DatasetGroup>, prefetch: usize, max_train_steps: u64) -> Self {
-        Self { group, prefetch, max_train_steps }
+        Self { group, prefetch, max_train_steps, shard: Shard::WHOLE }
+    }
+
+    /// Loads only `shard`'s batches of each epoch (one rank of a data-parallel run); the
+    /// epoch length becomes [`Shard::batches`] of the group's.
+    #[must_use]
+    pub fn with_shard(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// The share of each epoch this source yields.
+    #[must_use]
+    pub fn shard(&self) -> Shard {
+        self.shard
     }
 
     /// The dataset group.
@@ -46,7 +62,7 @@ impl BatchSource for DataSource {
     type Batch = Batch;
 
     fn batches_per_epoch(&self) -> usize {
-        self.group.batches_per_epoch()
+        self.shard.batches(self.group.batches_per_epoch())
     }
 
     fn epoch(
@@ -60,7 +76,7 @@ impl BatchSource for DataSource {
             first_step,
             max_train_steps: self.max_train_steps,
         };
-        let loader = Loader::epoch_from(Arc::clone(&self.group), epoch, skip, config);
+        let loader = Loader::epoch_shard(Arc::clone(&self.group), epoch, skip, self.shard, config);
         Box::new(loader.map(|b| b.map_err(into_core)))
     }
 }

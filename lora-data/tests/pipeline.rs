@@ -307,3 +307,33 @@ fn dreambooth_folders_from_test_data() {
         "{report}"
     );
 }
+
+/// Data-parallel shards: rank r's batch i is the whole epoch's batch `2i + r`, each rank has
+/// `floor(n / 2)` batches, and a resumed shard skips its own batches.
+#[test]
+fn data_source_shards_interleave_global_batches() {
+    use lora_core::train::BatchSource;
+    use lora_data::{DataSource, Shard};
+    let mut s = photos(None);
+    s.num_repeats = 3;
+    let ds = dataset(vec![s], 2, 5);
+    let group = Arc::new(DatasetGroup::from_datasets(vec![ds], 5));
+    let whole = DataSource::new(group.clone(), 2, 100);
+    let n = whole.batches_per_epoch();
+    assert!(n >= 3, "need an odd remainder or at least 3 batches, got {n}");
+    let all: Vec<_> = whole.epoch(1, 0, 0).map(Result::unwrap).collect();
+    for rank in 0..2 {
+        let src = DataSource::new(group.clone(), 2, 100).with_shard(Shard::new(rank, 2).unwrap());
+        assert_eq!(src.batches_per_epoch(), n / 2);
+        let mine: Vec<_> = src.epoch(1, 0, 0).map(Result::unwrap).collect();
+        assert_eq!(mine.len(), n / 2);
+        for (i, b) in mine.iter().enumerate() {
+            let g = &all[2 * i + rank];
+            assert_eq!(b.image_paths, g.image_paths);
+            assert!(b.pixels.equal(&g.pixels));
+        }
+        let resumed: Vec<_> = src.epoch(1, 1, 0).map(Result::unwrap).collect();
+        assert_eq!(resumed.len(), n / 2 - 1);
+        assert_eq!(resumed[0].image_paths, mine[1].image_paths);
+    }
+}

@@ -14,8 +14,9 @@
 //!   [`NoiseVariants`], [`TimestepSampling`] / [`WeightingScheme`], [`ModelPredictionType`],
 //!   [`downsample_mask`] / [`MaskNormalization`].
 //! - Samplers for sample images: [`DdimSampler`] (η = 0) and [`EulerSampler`], step for step
-//!   diffusers' `DDIMScheduler` / `EulerDiscreteScheduler` over a [`NoiseSchedule`], and
-//!   [`sample`], the denoising loop around a model closure.
+//!   diffusers' `DDIMScheduler` / `EulerDiscreteScheduler` over a [`NoiseSchedule`],
+//!   [`FlowEulerSampler`] (FLUX.1's rectified flow, BFL's schedule), and [`sample`], the
+//!   denoising loop around a model closure.
 //!
 //! # Order of operations (kohya's `process_batch`)
 //!
@@ -69,7 +70,7 @@ pub use mask::{downsample_mask, MaskNormalization};
 pub use noise::NoiseVariants;
 pub use prediction::{ModelPredictionType, Prediction};
 pub use reduce::{LossExtras, LossOutput};
-pub use sampler::{sample, DdimSampler, EulerSampler, Sampler, TimestepSpacing};
+pub use sampler::{sample, DdimSampler, EulerSampler, FlowEulerSampler, Sampler, TimestepSpacing};
 pub use schedule::{BetaSchedule, NoiseSchedule, NoiseScheduleConfig};
 pub use timestep::{TimestepSampling, WeightingScheme};
 pub use weighting::SnrWeighting;

@@ -171,3 +171,48 @@ fn bad_input_is_a_typed_error() {
     let r = sample(&s, &x, |_, _| Err(Error::Native("boom".into())));
     assert!(matches!(r, Err(Error::Native(_))));
 }
+
+/// FLUX's flow Euler against BFL's `get_schedule` (values printed by torch 2.13 from BFL's
+/// `time_shift` / `get_lin_function` / `linspace` code): shifted for 1024 and 4096 image tokens,
+/// unshifted (schnell).
+#[test]
+fn flow_euler_schedule_matches_bfl() {
+    let cases: [(usize, Option<i64>, &[f64]); 3] = [
+        (
+            4,
+            Some(1024),
+            &[1.0, 0.849_234_819_412_231_4, 0.652_489_423_751_831, 0.384_944_736_957_550_05, 0.0],
+        ),
+        (
+            4,
+            Some(4096),
+            &[1.0, 0.904_530_763_626_098_6, 0.759_510_934_352_874_8, 0.512_844_085_693_359_4, 0.0],
+        ),
+        (3, None, &[1.0, 0.666_666_626_930_236_8, 0.333_333_343_267_440_8, 0.0]),
+    ];
+    for (n, seq, want) in cases {
+        let s = lora_loss::FlowEulerSampler::new(n, seq).unwrap();
+        assert_eq!(s.num_steps(), n);
+        for (got, want) in s.times().iter().zip(want) {
+            assert!((*got as f64 - want).abs() < 1e-6, "{seq:?}: {got} vs {want}");
+        }
+        let t = s.model_timesteps(1, 2, Device::Cpu).unwrap();
+        assert!((t.double_value(&[0]) - want[1] * 1000.0).abs() < 1e-3);
+    }
+    assert!(lora_loss::FlowEulerSampler::new(0, None).is_err());
+    assert!(lora_loss::FlowEulerSampler::new(4, Some(0)).is_err());
+}
+
+/// With the exact velocity of a straight path (`v = noise − x₀`), every Euler step stays on
+/// the path and the loop ends at `x₀` from `noise`.
+#[test]
+fn flow_euler_follows_a_straight_path_to_x0() {
+    let x0 = Tensor::arange(2 * 16 * 4 * 4, (Kind::Float, Device::Cpu)).view([2, 16, 4, 4]) / 100.0;
+    let noise = (Tensor::arange(2 * 16 * 4 * 4, (Kind::Float, Device::Cpu)) * 0.37)
+        .sin()
+        .view([2, 16, 4, 4]);
+    let s = lora_loss::FlowEulerSampler::new(5, Some(1024)).unwrap();
+    let v = &noise - &x0;
+    let out = sample(&s, &noise, |x, _t| Ok(v.shallow_clone() + x * 0.0)).unwrap();
+    assert_close(&out, &x0, 0.0, 1e-5, "flow Euler end point");
+}

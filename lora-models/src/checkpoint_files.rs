@@ -28,6 +28,11 @@ impl DiffusersFolder {
         Self { root: root.into() }
     }
 
+    /// The folder's root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The weights file of `sub`: `<stem>.safetensors`, else the `fp16` variant.
     fn weights(&self, sub: &str, stem: &str) -> Result<PathBuf> {
         let dir = self.root.join(sub);

@@ -17,6 +17,19 @@
 //!   `text_time` add-embedding); [`ClipTextModelWithProjection`]: the bigG text encoder with
 //!   its projection; [`StableDiffusionXL`]: the training pipeline (`cond = [ctx, y]`);
 //!   [`SdxlSingleFile`]: SGM single files; [`with_sdxl_kohya_names`]: kohya's SGM LoRA names.
+//! - [`FluxTransformer`] / [`FluxConfig`]: the FLUX.1 transformer (presets
+//!   [`FluxConfig::dev`], [`FluxConfig::schnell`]) built with BFL's original module names
+//!   (`double_blocks.0.img_attn.qkv`); [`read_flux_single_file`] / [`read_flux_diffusers`]
+//!   (or [`DiffusersFolder::flux_transformer`]) load either layout, [`FluxKeyMap`] converts
+//!   between them (fused qkv ↔ q / k / v); [`pack_latents`], [`unpack_latents`],
+//!   [`flux_img_ids`], [`flux_txt_ids`]: the 2x2 patch tokens and their positions.
+//! - [`T5EncoderModel`] / [`T5Config`]: FLUX.1's T5 v1.1 encoder (preset [`T5Config::t5_xxl`],
+//!   weights via [`read_t5_encoder_weights`]); [`T5Tokenizer`]: its SentencePiece-unigram
+//!   tokenizer read from `spiece.model` or `tokenizer.json`. FLUX's 16-channel autoencoder is
+//!   [`AutoencoderKL`] with [`VaeConfig::flux`].
+//! - [`flux_lora`]: kohya's FLUX.1 LoRA targets ([`FluxLoraTargets`]: 304 modules,
+//!   `train_blocks`, block ranges, `split_qkv`) and kohya ↔ diffusers FLUX LoRA files
+//!   ([`flux_kohya_to_diffusers`], [`flux_diffusers_to_kohya`], [`convert_flux_lora_file`]).
 //! - [`DiffusersFolder`] / [`SingleFile`]: weights from a diffusers folder or an original
 //!   single-file checkpoint; [`keys`] is the LDM ↔ diffusers key registry.
 //! - [`StateDict`]: strict safetensors loading (missing / unexpected keys and shape mismatches
@@ -38,10 +51,14 @@
 
 mod checkpoint_files;
 mod clip;
+mod flux;
+pub mod flux_lora;
+mod flux_pipeline;
 mod json;
 pub mod keys;
 mod sd;
 mod sdxl;
+mod t5;
 mod util;
 mod weights;
 
@@ -50,17 +67,30 @@ pub use clip::config::{ClipActivation, ClipTextConfig};
 pub use clip::projection::{ClipTextModelWithProjection, SdxlTextOutput};
 pub use clip::text_model::{ClipHiddenStates, ClipTextModel, ClipTextOutput};
 pub use clip::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
+pub use flux::config::FluxConfig;
+pub use flux::keys::{read_flux_diffusers, read_flux_single_file, FluxKeyMap, FluxModuleRule};
+pub use flux::pack::{flux_img_ids, flux_txt_ids, pack_latents, unpack_latents};
+pub use flux::transformer::FluxTransformer;
+pub use flux_lora::{
+    convert_flux_lora_file, flux_diffusers_to_kohya, flux_kohya_to_diffusers, FluxLoraFormat,
+    FluxLoraTargets,
+};
+pub use flux_pipeline::Flux;
 pub use lora_core::{Error, Result};
 pub use sd::checkpoint::Checkpointing;
 pub use sd::config::{DownBlockType, PredictionType, UNetConfig, UpBlockType};
 pub use sd::pipeline::StableDiffusion;
 pub use sd::unet::UNet2DConditionModel;
-pub use sd::vae::{AutoencoderKL, LatentDist, VaeConfig};
+pub use sd::vae::{vae_from_ldm, AutoencoderKL, LatentDist, VaeConfig};
 pub use sdxl::config::SdxlUNetConfig;
 pub use sdxl::names::{sdxl_kohya_name, sdxl_sgm_path, with_sdxl_kohya_names};
 pub use sdxl::pipeline::StableDiffusionXL;
 pub use sdxl::single_file::SdxlSingleFile;
 pub use sdxl::unet::SdxlUNet;
+pub use t5::config::{T5Activation, T5Config};
+pub use t5::files::read_t5_encoder_weights;
+pub use t5::model::T5EncoderModel;
+pub use t5::tokenizer::{T5Tokenizer, T5Tokens, T5_MAX_LENGTH_DEV, T5_MAX_LENGTH_SCHNELL};
 pub use weights::StateDict;
 
 /// kohya's LoRA target preset for SD 1.x / 2.x.

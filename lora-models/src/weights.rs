@@ -6,10 +6,21 @@
 //! keys the file has but the model does not know, and shape mismatches naming the key and both
 //! shapes. Each tensor is converted to the dtype of the variable it lands in, so an f16 file
 //! loads into an f32 model and an f32 file into a bf16 one (`VarStore::set_kind` first).
+//!
+//! A model built over a quantized frozen base ([`lora_core::quant`]) has no variable for its
+//! quantized Linear weights: they are slots of a [`QuantStore`], keyed like the variables
+//! they replace. [`StateDict::load_into_quantized`] and [`StateDict::stream_into`] count those
+//! keys as the model's and quantize each such tensor into its slot instead of casting it.
+//! [`StateDict::stream_into`] reads a file one tensor at a time, so a model whose
+//! full-precision weights do not fit in memory (FLUX.1's 24 GB of bf16) loads into its
+//! quantized form with one tensor in flight.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use lora_core::quant::QuantStore;
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 use tch::{nn::VarStore, Kind, Tensor};
 
@@ -50,6 +61,40 @@ impl StateDict {
             tensors.insert(key, tensor);
         }
         Ok(Self { path, tensors })
+    }
+
+    /// The keys and shapes of a safetensors file, read from its header only: every tensor is a
+    /// zero-storage stand-in (a broadcast scalar) of the file tensor's shape and kind. For
+    /// inferring an architecture from a checkpoint too large to read whole (FLUX.1's 24 GB),
+    /// which is then loaded with [`StateDict::stream_into`]; the stand-ins hold no data.
+    ///
+    /// # Errors
+    /// [`Error::Io`] / [`Error::File`] for an unreadable or malformed header.
+    pub fn read_shapes(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let bad = |reason: String| Error::File { path: path.to_path_buf(), reason };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(|e| bad(format!("not safetensors: {e}")))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 {
+            return Err(bad(format!("not safetensors: header length {n}")));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        let meta: Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("not safetensors: {e}")))?;
+        let mut tensors = BTreeMap::new();
+        for (key, info) in meta.tensors() {
+            let kind = kind_of(info.dtype).ok_or_else(|| {
+                bad(format!("tensor `{key}` has unsupported dtype {:?}", info.dtype))
+            })?;
+            let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+            let stand_in = Tensor::zeros([], (kind, tch::Device::Cpu)).expand(&shape, false);
+            tensors.insert(key, stand_in);
+        }
+        Ok(Self { path: path.to_path_buf(), tensors })
     }
 
     /// A state dict from tensors in memory; `source` names it in error messages.
@@ -101,6 +146,135 @@ impl StateDict {
         check_keys(&self.path, vars.keys().map(String::as_str), self.keys())?;
         copy_checked(&self.path, &vars, self.tensors.iter().map(|(k, t)| (k.as_str(), t)))
     }
+
+    /// As [`StateDict::load_into`] for a model with a quantized base: the keys of `quant`'s
+    /// slots belong to the model too, and their tensors are quantized into the slots
+    /// ([`QuantStore::fill`]) instead of being cast into variables.
+    ///
+    /// # Errors
+    /// As [`StateDict::load_into`]; nothing is written unless every key and shape fits.
+    pub fn load_into_quantized(&self, vs: &VarStore, quant: &QuantStore) -> Result<()> {
+        let vars = vs.variables();
+        let slots = quant.keys();
+        check_keys(
+            &self.path,
+            vars.keys().map(String::as_str).chain(slots.iter().map(String::as_str)),
+            self.keys(),
+        )?;
+        let (quantized, plain): (Vec<_>, Vec<_>) =
+            self.tensors.iter().map(|(k, t)| (k.as_str(), t)).partition(|(k, _)| quant.contains(k));
+        for (key, t) in &quantized {
+            check_slot_shape(&self.path, quant, key, &t.size())?;
+        }
+        copy_checked(&self.path, &vars, plain.iter().copied())?;
+        for (key, t) in quantized {
+            quant.fill(key, t)?;
+        }
+        Ok(())
+    }
+
+    /// Loads a safetensors file into `vs` (and the slots of `quant`) one tensor at a time,
+    /// without reading the whole file: each tensor is read, converted to its variable's kind
+    /// or quantized into its slot, and dropped before the next one is read.
+    ///
+    /// The file's keys must be the model's keys (the VarStore's variables plus the slots);
+    /// the header is checked first (keys, shapes, dtypes, offsets), so nothing is written
+    /// when it does not fit.
+    ///
+    /// # Errors
+    /// [`Error::Io`] for read errors; [`Error::File`] for a malformed header or listing the
+    /// missing and unexpected keys; [`Error::Shape`] naming the key and both shapes.
+    pub fn stream_into(
+        path: impl AsRef<Path>,
+        vs: &VarStore,
+        quant: Option<&QuantStore>,
+    ) -> Result<()> {
+        let path = path.as_ref();
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let bad = |reason: String| Error::File { path: path.to_path_buf(), reason };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(|e| bad(format!("not safetensors: {e}")))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 || 8 + n > file_len {
+            return Err(bad(format!("not safetensors: header length {n}")));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        let meta: Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("not safetensors: {e}")))?;
+        let data_start = 8 + n;
+        let data_len = file_len - data_start;
+
+        let vars = vs.variables();
+        let slots = quant.map(QuantStore::keys).unwrap_or_default();
+        let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
+            meta.tensors().into_iter().collect();
+        infos.sort_by_key(|(_, info)| info.data_offsets);
+        check_keys(
+            path,
+            vars.keys().map(String::as_str).chain(slots.iter().map(String::as_str)),
+            infos.iter().map(|(k, _)| k.as_str()),
+        )?;
+        // Header checks before any write.
+        let mut plan = Vec::with_capacity(infos.len());
+        for (key, info) in &infos {
+            let kind = kind_of(info.dtype).ok_or_else(|| {
+                bad(format!("tensor `{key}` has unsupported dtype {:?}", info.dtype))
+            })?;
+            let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+            let (start, end) = info.data_offsets;
+            let bytes = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
+            if end < start || (end - start) as u64 != bytes || end as u64 > data_len {
+                return Err(bad(format!("tensor `{key}`: bad data offsets {start}..{end}")));
+            }
+            match (vars.get(key.as_str()), quant) {
+                (Some(dst), _) if dst.size() != shape => {
+                    return Err(Error::Shape {
+                        name: format!("{}: {key}", path.display()),
+                        expected: dst.size(),
+                        actual: shape,
+                    })
+                }
+                (Some(_), _) => {}
+                (None, Some(q)) => check_slot_shape(path, q, key, &shape)?,
+                (None, None) => return Err(bad(format!("unexpected key `{key}`"))),
+            }
+            plan.push((key.as_str(), kind, shape, start as u64, bytes as usize));
+        }
+        for (key, kind, shape, start, bytes) in plan {
+            // Read straight into the tensor's storage: one copy of this tensor in flight.
+            let t = Tensor::f_empty(shape.as_slice(), (kind, tch::Device::Cpu))?;
+            if bytes > 0 {
+                file.seek(SeekFrom::Start(data_start + start)).map_err(io)?;
+                // SAFETY: `t` is a fresh contiguous CPU tensor of exactly `bytes` bytes (its
+                // kind's size times its element count, checked against the header above),
+                // alive and not aliased while the slice is.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<u8>(), bytes) };
+                file.read_exact(dst).map_err(io)?;
+            }
+            match vars.get(key) {
+                Some(dst) => tch::no_grad(|| dst.shallow_clone().f_copy_(&t))?,
+                None => quant.map_or(Ok(()), |q| q.fill(key, &t))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Errors unless the slot `key` of `quant` has `shape`.
+fn check_slot_shape(path: &Path, quant: &QuantStore, key: &str, shape: &[i64]) -> Result<()> {
+    let expected = quant.get(key).map(|w| w.shape()).unwrap_or_default();
+    if expected != shape {
+        return Err(Error::Shape {
+            name: format!("{}: {key}", path.display()),
+            expected,
+            actual: shape.to_vec(),
+        });
+    }
+    Ok(())
 }
 
 /// Errors unless `expected` (the model's keys) and `found` (the file's) are the same set.

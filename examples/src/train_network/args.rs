@@ -20,7 +20,8 @@ pub enum ModelFamily {
     Sd15,
     /// SDXL (kohya's `sdxl_train_network.py`): two text encoders, SGM LoRA names.
     Sdxl,
-    /// FLUX.1 (not wired into this trainer yet).
+    /// FLUX.1 (kohya's `flux_train_network.py`): flow matching, CLIP-L + T5-XXL, BFL LoRA
+    /// names.
     Flux,
 }
 
@@ -116,6 +117,33 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     /// Show a progress bar (off in tests).
     pub progress_bar: bool,
+    /// kohya `ddp_timeout` (minutes): how long a data-parallel rank waits for the others
+    /// before failing (unset: 30 minutes, torch's default).
+    pub ddp_timeout: Option<u64>,
+    /// The c10d backend of a data-parallel run: `nccl` or `gloo` (unset: NCCL on CUDA, Gloo on
+    /// CPU; NCCL is untested on a GPU so far, `gloo` works on CUDA tensors through host
+    /// memory).
+    pub ddp_backend: Option<String>,
+    /// kohya (FLUX) `clip_l`: CLIP-L weights (a `text_encoder` folder or a single file) when
+    /// `pretrained_model_name_or_path` is a FLUX single file.
+    pub clip_l: Option<PathBuf>,
+    /// kohya (FLUX) `t5xxl`: T5-XXL encoder weights (folder or single file), likewise.
+    pub t5xxl: Option<PathBuf>,
+    /// kohya (FLUX) `ae`: the autoencoder (`ae.safetensors` or a diffusers `vae` folder).
+    pub ae: Option<PathBuf>,
+    /// kohya (FLUX) `guidance_scale`: the value fed to the guidance embedding of FLUX.1 dev
+    /// while training (kohya's docs recommend 1.0 for LoRA).
+    pub guidance_scale: Option<f64>,
+    /// kohya (FLUX) `t5xxl_max_token_length`: 512 for dev, 256 for schnell when unset.
+    pub t5xxl_max_token_length: Option<usize>,
+    /// kohya (FLUX) `apply_t5_attn_mask`.
+    pub apply_t5_attn_mask: bool,
+    /// kohya `fp8_base`: keep the frozen base's Linears in float8 (e4m3fn) with per-row
+    /// scales, dequantized per layer in forward (SDXL: the U-Net; FLUX: the transformer and
+    /// T5).
+    pub fp8_base: bool,
+    /// kohya `fp8_base_unet`: float8 for the denoiser only (text encoders unquantized).
+    pub fp8_base_unet: bool,
 }
 
 impl Default for TrainArgs {
@@ -157,6 +185,16 @@ impl Default for TrainArgs {
             sample_sampler: "ddim".into(),
             resume: None,
             progress_bar: true,
+            ddp_timeout: None,
+            ddp_backend: None,
+            clip_l: None,
+            t5xxl: None,
+            ae: None,
+            guidance_scale: None,
+            t5xxl_max_token_length: None,
+            apply_t5_attn_mask: false,
+            fp8_base: false,
+            fp8_base_unet: false,
         }
     }
 }
@@ -252,6 +290,9 @@ impl Config {
             &mut args.network_weights,
             &mut args.sample_prompts,
             &mut args.resume,
+            &mut args.clip_l,
+            &mut args.t5xxl,
+            &mut args.ae,
         ]
         .into_iter()
         .flatten()
@@ -278,6 +319,9 @@ impl Config {
                 a.network_module
             );
         }
+        if let Some(b) = a.ddp_backend.as_deref().filter(|b| !matches!(*b, "nccl" | "gloo")) {
+            bail!("{p}: `ddp_backend` = {b:?}: use nccl or gloo");
+        }
         if !matches!(a.sample_sampler.as_str(), "ddim" | "euler") {
             bail!("{p}: `sample_sampler` = {:?}: use ddim or euler", a.sample_sampler);
         }
@@ -289,6 +333,12 @@ impl Config {
         }
         match a.model_family {
             ModelFamily::Sd15 => {
+                if a.fp8_base || a.fp8_base_unet {
+                    bail!(
+                        "{p}: `fp8_base` is supported for model_family = \"sdxl\" and \"flux\" \
+                         in this trainer"
+                    );
+                }
                 if a.no_half_vae {
                     bail!("{p}: `no_half_vae` is only supported with model_family = \"sdxl\"");
                 }
@@ -307,10 +357,48 @@ impl Config {
                     );
                 }
             }
-            ModelFamily::Flux => bail!(
-                "{p}: `model_family` = \"flux\": this trainer handles sd15 and sdxl so far \
-                 (FLUX.1 is issue 11)"
-            ),
+            ModelFamily::Flux => {
+                for (key, set) in [
+                    ("v2", a.v2),
+                    ("clip_skip", a.clip_skip != 1),
+                    ("max_token_length", a.max_token_length.is_some()),
+                ] {
+                    if set {
+                        bail!(
+                            "{p}: `{key}` does not apply to FLUX.1 (T5's length is \
+                             `t5xxl_max_token_length`); remove the key"
+                        );
+                    }
+                }
+                if a.apply_t5_attn_mask {
+                    bail!(
+                        "{p}: `apply_t5_attn_mask` = true is not supported yet: the transformer \
+                         attends to T5's padding as FLUX.1 was trained (kohya's default)"
+                    );
+                }
+                if let Some(g) = a.guidance_scale {
+                    if !g.is_finite() || g < 0.0 {
+                        bail!("{p}: `guidance_scale` = {g}: must be a finite value >= 0");
+                    }
+                }
+            }
+        }
+        if a.model_family != ModelFamily::Flux {
+            for (key, set) in [
+                ("clip_l", a.clip_l.is_some()),
+                ("t5xxl", a.t5xxl.is_some()),
+                ("ae", a.ae.is_some()),
+                ("guidance_scale", a.guidance_scale.is_some()),
+                ("t5xxl_max_token_length", a.t5xxl_max_token_length.is_some()),
+                ("apply_t5_attn_mask", a.apply_t5_attn_mask),
+            ] {
+                if set {
+                    bail!(
+                        "{p}: `{key}` is a FLUX.1 setting in this trainer (model_family = \
+                         \"flux\")"
+                    );
+                }
+            }
         }
         if let Some(ds) = &a.dataset_config {
             if !ds.is_file() {
@@ -322,6 +410,9 @@ impl Config {
             ("network_weights", &a.network_weights),
             ("sample_prompts", &a.sample_prompts),
             ("resume", &a.resume),
+            ("clip_l", &a.clip_l),
+            ("t5xxl", &a.t5xxl),
+            ("ae", &a.ae),
         ] {
             if let Some(f) = file {
                 if !f.exists() {

@@ -10,18 +10,20 @@
 //! `loss.png` and `sample/*.png`.
 
 pub mod args;
+pub mod distributed;
+pub mod flux;
 pub mod model;
 pub mod observe;
 pub mod pipeline;
 pub mod sample;
 pub mod sdxl;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use lora_core::io::{AdapterFile, BaseModel, KohyaMetadata};
-use lora_core::train::{latest_checkpoint, Denoiser, Optimizer, TrainState, Trainer};
+use lora_core::train::{latest_checkpoint, Denoiser, Objective, Optimizer, TrainState, Trainer};
 use lora_core::{Injector, LayerFactory, ModelPart, ParamGroup, PlainLayers};
 use lora_data::{Batch, DataSource, DatasetGroup, DatasetGroupConfig, LoadOptions};
 use lora_models::{Checkpointing, ClipTokenizer, StableDiffusion};
@@ -119,6 +121,8 @@ struct Data {
     source: DataSource,
     batches_per_epoch: usize,
     total: u64,
+    /// Set in a data-parallel run.
+    dist: Option<distributed::Dist>,
 }
 
 /// Trains as the config says.
@@ -135,7 +139,8 @@ pub fn run(cli: &RunOptions) -> Result<RunSummary> {
         cfg.args.output_dir.clone_from(d);
     }
     let a = &cfg.args;
-    let device = Device::cuda_if_available();
+    let dist = distributed::init(a)?;
+    let device = distributed::device(dist.as_ref());
 
     // Data.
     let ds_path = a.dataset_config.as_ref().ok_or_else(|| {
@@ -146,20 +151,21 @@ pub fn run(cli: &RunOptions) -> Result<RunSummary> {
         ds_cfg,
         &LoadOptions { seed: cfg.train.seed, ..LoadOptions::default() },
     )?;
-    let batches_per_epoch = group.batches_per_epoch();
+    // A data-parallel rank sees its shard: epochs (and so steps) count global batches.
+    let shard = distributed::shard(dist.as_ref());
+    let batches_per_epoch = shard.batches(group.batches_per_epoch());
     let total = cfg.train.total_steps(batches_per_epoch);
-    let data =
-        Data { source: DataSource::new(Arc::new(group), 2, total), batches_per_epoch, total };
+    let source = DataSource::new(Arc::new(group), 2, total).with_shard(shard);
+    let data = Data { source, batches_per_epoch, total, dist };
 
     // Model with adapters.
     tch::manual_seed(cfg.train.seed as i64);
     let adapters = VarStore::new(device);
+    distributed::before_model(data.dist.as_ref(), a)?;
     match a.model_family {
         ModelFamily::Sd15 => run_sd15(&cfg, cli, &adapters, &data, device),
         ModelFamily::Sdxl => run_sdxl(&cfg, cli, &adapters, &data, device),
-        ModelFamily::Flux => {
-            bail!("{}: model_family = \"flux\" is not supported", cfg.path.display())
-        }
+        ModelFamily::Flux => run_flux(&cfg, cli, &adapters, &data, device),
     }
 }
 
@@ -213,7 +219,8 @@ fn run_sd15(
         BaseModel::Sd1
     };
     let meta = KohyaMetadata::new(base_model, a.output_name.clone());
-    train(cfg, cli, data, sd, &injectors, groups, meta, device)
+    let objective = cfg.loss.build_diffusion()?;
+    train(cfg, cli, data, sd, objective, &injectors, groups, meta, device)
 }
 
 /// SDXL: U-Net adapters under kohya's SGM names, both text encoders (`lora_te1_`,
@@ -229,15 +236,60 @@ fn run_sdxl(
     let (ucfg, tcfg) = model::lora_configs(a).with_context(|| format!("{}", cfg.path.display()))?;
     let weights = sdxl::read_weights(a)?;
     let root = adapters.root();
-    let inj = sdxl::Injectors::new(&root, ucfg.as_ref(), tcfg.as_ref(), &weights.unet.0)?;
-    let base = sdxl::build_base(&weights, inj.factories(), a, device)?;
+    let inj = sdxl::Injectors::new(&root, ucfg.as_ref(), tcfg.as_ref(), &weights.unet.0)?
+        .with_fp8_base(a)?;
+    let base =
+        sdxl::build_base_quant(&weights, inj.factories(), inj.unet_quant.as_ref(), a, device)?;
     let injectors = inj.all();
     finish_injectors(a, &injectors)?;
     let train_te = inj.te1.is_some();
     let (model, _stores) = base.into_pipeline(a, cfg.loss.v_parameterization, train_te, device);
     let groups = param_groups(a, inj.unet.as_ref(), inj.te1.iter().chain(inj.te2.iter()).collect());
     let meta = model.kohya_metadata(a.output_name.clone());
-    train(cfg, cli, data, model, &injectors, groups, meta, device)
+    let objective = cfg.loss.build_diffusion()?;
+    train(cfg, cli, data, model, objective, &injectors, groups, meta, device)
+}
+
+/// FLUX.1: flow matching, transformer adapters under kohya's BFL names (`lora_unet_`),
+/// CLIP-L (`lora_te1_`) and with `train_t5xxl` T5 (`lora_te3_`), FLUX metadata.
+fn run_flux(
+    cfg: &Config,
+    cli: &RunOptions,
+    adapters: &VarStore,
+    data: &Data,
+    device: Device,
+) -> Result<RunSummary> {
+    let a = &cfg.args;
+    let weights = flux::read_weights(a)?;
+    let (fcfg, ccfg, tcfg) = flux::lora_configs(a, &weights.transformer.0)
+        .with_context(|| format!("{}", cfg.path.display()))?;
+    let root = adapters.root();
+    let inj = flux::Injectors::new(&root, fcfg.as_ref(), ccfg.as_ref(), tcfg.as_ref(), a)?;
+    let (model, _stores) = flux::build(weights, &inj, a, device)?;
+    let injectors = inj.all();
+    finish_injectors(a, &injectors)?;
+    let groups = param_groups(a, inj.transformer.as_ref(), inj.text_encoders());
+    let mut meta = model.kohya_metadata(a.output_name.clone());
+    // kohya writes the network arguments as given (split_qkv, train_blocks, ...).
+    meta.network_args = kv_list(&a.network_args, "network_args")?.into_iter().collect();
+    // kohya's names for the settings: their serde names.
+    let name = |v: serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let l = &cfg.loss;
+    for (k, v) in [
+        ("ss_model_type", "flux".to_string()),
+        ("ss_timestep_sampling", name(serde_json::to_value(l.timestep_sampling)?)),
+        ("ss_discrete_flow_shift", l.discrete_flow_shift.to_string()),
+        ("ss_sigmoid_scale", l.sigmoid_scale.to_string()),
+        ("ss_model_prediction_type", name(serde_json::to_value(l.model_prediction_type)?)),
+        ("ss_weighting_scheme", name(serde_json::to_value(l.weighting_scheme)?)),
+        ("ss_logit_mean", l.logit_mean.to_string()),
+        ("ss_logit_std", l.logit_std.to_string()),
+        ("ss_mode_scale", l.mode_scale.to_string()),
+    ] {
+        meta.training.insert(k.into(), v);
+    }
+    let objective = cfg.loss.build_flow_matching()?;
+    train(cfg, cli, data, model, objective, &injectors, groups, meta, device)
 }
 
 /// Checks every target rule matched, then loads `network_weights` if given.
@@ -272,11 +324,12 @@ fn param_groups(
 /// The family-independent part: objective, optimizer, schedule, resuming, reporting, the run,
 /// the final file.
 #[allow(clippy::too_many_arguments, clippy::too_many_lines)]
-fn train<M>(
+fn train<M, O>(
     cfg: &Config,
     cli: &RunOptions,
     data: &Data,
     model: M,
+    objective: O,
     injectors: &[&Injector<'_>],
     groups: Vec<ParamGroup>,
     mut meta: KohyaMetadata,
@@ -284,12 +337,15 @@ fn train<M>(
 ) -> Result<RunSummary>
 where
     M: Denoiser<Batch = Batch> + SamplingModel,
+    O: Objective,
 {
     let a = &cfg.args;
+    distributed::after_model(data.dist.as_ref(), a)?;
     let total = data.total;
     // Objective, optimizer, schedule.
-    let objective = cfg.loss.build_diffusion()?;
-    let sampling_loss = cfg.loss.build_diffusion()?;
+    // SD / SDXL sample over the training noise schedule; FLUX brings its own flow sampler.
+    let flux = a.model_family == ModelFamily::Flux;
+    let sampling_loss = if flux { None } else { Some(cfg.loss.build_diffusion()?) };
     let lr = a.learning_rate;
     let n_params: i64 =
         groups.iter().flat_map(|g| g.params.iter()).map(|(_, t)| t.numel() as i64).sum();
@@ -306,12 +362,15 @@ where
         ..LrScheduleConfig::new(kind)
     }
     .build(lr)?;
-    let mut trainer = Trainer::builder(model, objective)
+    let mut builder = Trainer::builder(model, objective)
         .optimizer(optimizer)
         .schedule(Box::new(schedule))
         .config(cfg.train.clone())
-        .checkpoint_dir(a.output_dir.join("checkpoints"))
-        .build()?;
+        .checkpoint_dir(a.output_dir.join("checkpoints"));
+    if let Some(d) = &data.dist {
+        builder = builder.grad_sync(d.sync.clone());
+    }
+    let mut trainer = builder.build()?;
     let resume = match (cli.resume.as_deref(), &a.resume) {
         (Some("auto"), _) => latest_checkpoint(&a.output_dir.join("checkpoints"))?,
         (Some(p), _) => Some(PathBuf::from(p)),
@@ -320,6 +379,10 @@ where
     if let Some(r) = &resume {
         trainer.resume(r).with_context(|| format!("resuming from {}", r.display()))?;
         eprintln!("resumed from {} at step {}", r.display(), trainer.state().step);
+    }
+
+    if !distributed::is_main(data.dist.as_ref()) {
+        return distributed::run_follower(&mut trainer, &data.source, a);
     }
 
     // Reporting.
@@ -339,14 +402,30 @@ where
         meta.training.insert(k.into(), v);
     }
     let prompts = match &a.sample_prompts {
-        Some(p) => sample::read_prompts(p, 512)?,
+        Some(p) => sample::read_prompts(p, 512, if flux { 1.0 } else { 7.5 })?,
         None => Vec::new(),
     };
+    if let Some(p) = prompts.iter().find(|p| flux && (p.width % 16 != 0 || p.height % 16 != 0)) {
+        bail!(
+            "{}: `{}`: FLUX.1 sample sizes must be multiples of 16 (2x2 patches of 8x latents), \
+             got {}x{}",
+            a.sample_prompts.as_deref().unwrap_or(Path::new("?")).display(),
+            p.prompt,
+            p.width,
+            p.height
+        );
+    }
+    if !flux && prompts.iter().any(|p| p.guidance.is_some()) {
+        bail!(
+            "{}: `--g` (the guidance embedding's value) applies to FLUX.1 only; use `--l`",
+            a.sample_prompts.as_deref().unwrap_or(Path::new("?")).display()
+        );
+    }
     let sampling = Sampling {
         prompts,
         sampler: a.sample_sampler.clone(),
-        schedule: sampling_loss.schedule(),
-        prediction: sampling_loss.prediction(),
+        schedule: sampling_loss.as_ref().map(|l| l.schedule()),
+        prediction: sampling_loss.as_ref().map(|l| l.prediction()),
         every_n_steps: a.sample_every_n_steps,
         every_n_epochs: a.sample_every_n_epochs,
     };

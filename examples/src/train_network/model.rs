@@ -4,13 +4,14 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
+use lora_core::QuantBase;
 use lora_core::{kohya_targets, BlockArch, BlockWiseConfig, LayerFactory, LoraConfig};
 use lora_models::{
     AutoencoderKL, ClipActivation, ClipTextConfig, ClipTextModel, DiffusersFolder, DownBlockType,
     SingleFile, StateDict, UNet2DConditionModel, UNetConfig, UpBlockType, VaeConfig,
 };
 use tch::nn::VarStore;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use super::args::{kv_list, MixedPrecision, ModelFamily, TrainArgs};
 
@@ -235,6 +236,42 @@ pub fn load_or_save(
             let vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
             let tmp = dir.join(format!(".{name}.safetensors.tmp"));
             tch::Tensor::write_safetensors(&vars, &tmp)?;
+            std::fs::rename(&tmp, dir.join(format!("{name}.safetensors")))?;
+        }
+    }
+    Ok(())
+}
+
+/// [`load_or_save`] for a part with a float8 / int8 base (`quant`; `None`: plain): loads `sd`
+/// into `vs` and the slots of `quant`; without weights (the demo model) saves `vs` and the slots
+/// dequantized to f32 as `<demo_dir>/<name>.safetensors`, atomically.
+///
+/// # Errors
+/// Weights that do not match the model, a quantization pattern that matched nothing, I/O
+/// errors.
+pub fn load_or_save_quant(
+    name: &str,
+    vs: &VarStore,
+    quant: Option<&QuantBase>,
+    sd: Option<&StateDict>,
+    demo_dir: Option<&Path>,
+) -> Result<()> {
+    let Some(q) = quant else { return load_or_save(name, vs, sd, demo_dir) };
+    q.finish()?;
+    match sd {
+        Some(sd) => sd
+            .load_into_quantized(vs, q.store())
+            .with_context(|| format!("loading the {name} weights into the float8 base"))?,
+        None => {
+            let dir = demo_dir.unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir)?;
+            let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            for key in q.store().keys() {
+                let w = q.store().get(&key).ok_or_else(|| anyhow!("{key}: no float8 slot"))?;
+                vars.push((key, w.dequantize(Kind::Float)));
+            }
+            let tmp = dir.join(format!(".{name}.safetensors.tmp"));
+            Tensor::write_safetensors(&vars, &tmp)?;
             std::fs::rename(&tmp, dir.join(format!("{name}.safetensors")))?;
         }
     }

@@ -21,10 +21,11 @@ pub struct Sampling<'a> {
     pub prompts: Vec<SamplePrompt>,
     /// `ddim` / `euler`.
     pub sampler: String,
-    /// The training noise schedule.
-    pub schedule: &'a NoiseSchedule,
-    /// The model's prediction type.
-    pub prediction: Prediction,
+    /// The training noise schedule (`None` for flow-matching models, which bring their own
+    /// sampler).
+    pub schedule: Option<&'a NoiseSchedule>,
+    /// The model's prediction type (likewise).
+    pub prediction: Option<Prediction>,
     /// kohya `sample_every_n_steps`.
     pub every_n_steps: Option<u64>,
     /// kohya `sample_every_n_epochs`.

@@ -2,8 +2,11 @@
 //! classifier-free guidance, one denoiser call, decoding), so the observer and the sampler are
 //! one code path for SD 1.x and SDXL.
 
+use lora_loss::Sampler;
 use lora_models::{StableDiffusion, StableDiffusionXL};
 use tch::{Device, Kind, Tensor};
+
+use super::sample::SamplePrompt;
 
 /// A trained pipeline as the sampler uses it. Latents have 4 channels at 1/8 of the image size
 /// in both families.
@@ -16,13 +19,18 @@ pub trait SamplingModel {
     ///
     /// # Errors
     /// Tokenizer or text-encoder errors.
-    fn guidance_cond(
-        &self,
-        negative: &str,
-        prompt: &str,
-        height: i64,
-        width: i64,
-    ) -> lora_core::Result<Vec<Tensor>>;
+    fn guidance_cond(&self, p: &SamplePrompt) -> lora_core::Result<Vec<Tensor>>;
+
+    /// Latent channels (4 for SD 1.x / SDXL, 16 for FLUX.1).
+    fn latent_channels(&self) -> i64 {
+        4
+    }
+
+    /// The family's own sampler for `p` (FLUX.1's flow Euler), or `None` for the
+    /// `sample_sampler` setting over the training noise schedule.
+    fn own_sampler(&self, _p: &SamplePrompt) -> Option<lora_core::Result<Box<dyn Sampler>>> {
+        None
+    }
 
     /// The denoiser's output (ε or v, f32) without adapters' training behaviour (dropout off).
     ///
@@ -42,14 +50,8 @@ pub trait SamplingModel {
 }
 
 impl SamplingModel for StableDiffusion {
-    fn guidance_cond(
-        &self,
-        negative: &str,
-        prompt: &str,
-        _height: i64,
-        _width: i64,
-    ) -> lora_core::Result<Vec<Tensor>> {
-        Ok(vec![self.encode_prompts(&[negative.to_owned(), prompt.to_owned()], false)?])
+    fn guidance_cond(&self, p: &SamplePrompt) -> lora_core::Result<Vec<Tensor>> {
+        Ok(vec![self.encode_prompts(&[p.negative.clone(), p.prompt.clone()], false)?])
     }
 
     fn denoise(&self, x: &Tensor, t: &Tensor, cond: &[Tensor]) -> Tensor {
@@ -68,16 +70,9 @@ impl SamplingModel for StableDiffusion {
 /// SDXL: `[ctx, y]` with `y = cat(pooled, size features)` of (original size = target size =
 /// the image size, crop 0, 0), as kohya's SDXL sampler conditions both halves of the pair.
 impl SamplingModel for StableDiffusionXL {
-    fn guidance_cond(
-        &self,
-        negative: &str,
-        prompt: &str,
-        height: i64,
-        width: i64,
-    ) -> lora_core::Result<Vec<Tensor>> {
-        let (ctx, pooled) =
-            self.encode_prompts(&[negative.to_owned(), prompt.to_owned()], false)?;
-        let (h, w) = (height as f32, width as f32);
+    fn guidance_cond(&self, p: &SamplePrompt) -> lora_core::Result<Vec<Tensor>> {
+        let (ctx, pooled) = self.encode_prompts(&[p.negative.clone(), p.prompt.clone()], false)?;
+        let (h, w) = (p.height as f32, p.width as f32);
         let time_ids = Tensor::from_slice(&[h, w, 0.0, 0.0, h, w, h, w, 0.0, 0.0, h, w])
             .view([2, 6])
             .to_kind(Kind::Float);

@@ -27,14 +27,22 @@ pub struct SamplePrompt {
     pub scale: f64,
     /// `--d`: seed.
     pub seed: Option<i64>,
+    /// `--g`: the value fed to FLUX.1 dev's guidance embedding (kohya's default 3.5).
+    pub guidance: Option<f64>,
 }
 
 /// Parses kohya's `.txt` prompt file: one prompt per line, `#` comments, options ` --n`, `--w`,
-/// `--h`, `--s`, `--l`, `--d` (defaults 512x512, 30 steps, scale 7.5 as kohya).
+/// `--h`, `--s`, `--l`, `--d`, and for FLUX `--g` (defaults `default_size` square, 30 steps,
+/// scale `default_scale`: kohya's 7.5 for SD / SDXL, 1.0, no classifier-free guidance, for
+/// FLUX).
 ///
 /// # Errors
 /// Unreadable file, a malformed option (line number named).
-pub fn read_prompts(path: &Path, default_size: i64) -> Result<Vec<SamplePrompt>> {
+pub fn read_prompts(
+    path: &Path,
+    default_size: i64,
+    default_scale: f64,
+) -> Result<Vec<SamplePrompt>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read sample prompts", path.display()))?;
     let mut out = Vec::new();
@@ -50,8 +58,9 @@ pub fn read_prompts(path: &Path, default_size: i64) -> Result<Vec<SamplePrompt>>
             width: default_size,
             height: default_size,
             steps: 30,
-            scale: 7.5,
+            scale: default_scale,
             seed: None,
+            guidance: None,
         };
         for opt in parts {
             let (k, v) = opt.split_once(' ').unwrap_or((opt, ""));
@@ -64,6 +73,7 @@ pub fn read_prompts(path: &Path, default_size: i64) -> Result<Vec<SamplePrompt>>
                 "s" => p.steps = v.parse().map_err(|_| bad())?,
                 "l" => p.scale = v.parse().map_err(|_| bad())?,
                 "d" => p.seed = Some(v.parse().map_err(|_| bad())?),
+                "g" => p.guidance = Some(v.parse().map_err(|_| bad())?),
                 _ => bail!("{}:{}: unknown option `--{k}`", path.display(), n + 1),
             }
         }
@@ -80,6 +90,9 @@ pub fn read_prompts(path: &Path, default_size: i64) -> Result<Vec<SamplePrompt>>
         if !p.scale.is_finite() {
             bail!("{}: `--l {}`: guidance scale must be finite", at(), p.scale);
         }
+        if let Some(g) = p.guidance.filter(|g| !g.is_finite()) {
+            bail!("{}: `--g {g}`: guidance must be finite", at());
+        }
         out.push(p);
     }
     Ok(out)
@@ -93,8 +106,8 @@ pub fn read_prompts(path: &Path, default_size: i64) -> Result<Vec<SamplePrompt>>
 #[allow(clippy::too_many_arguments)]
 pub fn generate<M: SamplingModel + ?Sized>(
     sd: &M,
-    schedule: &NoiseSchedule,
-    prediction: Prediction,
+    schedule: Option<&NoiseSchedule>,
+    prediction: Option<Prediction>,
     sampler: &str,
     prompts: &[SamplePrompt],
     dir: &Path,
@@ -105,26 +118,30 @@ pub fn generate<M: SamplingModel + ?Sized>(
     let mut written = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let seed = p.seed.unwrap_or(1234 + i as i64);
-        let sampler: Box<dyn Sampler> = match sampler {
-            "ddim" => Box::new(DdimSampler::new(
-                schedule,
-                prediction,
-                TimestepSpacing::SD15_LEADING,
-                p.steps,
-            )?),
-            "euler" => Box::new(EulerSampler::new(
-                schedule,
-                prediction,
-                TimestepSpacing::Linspace,
-                p.steps,
-            )?),
-            other => bail!("sample_sampler = {other:?}: use ddim or euler"),
+        let sampler: Box<dyn Sampler> = match (sd.own_sampler(p), schedule, prediction) {
+            (Some(own), _, _) => own?,
+            (None, Some(schedule), Some(prediction)) => match sampler {
+                "ddim" => Box::new(DdimSampler::new(
+                    schedule,
+                    prediction,
+                    TimestepSpacing::SD15_LEADING,
+                    p.steps,
+                )?),
+                "euler" => Box::new(EulerSampler::new(
+                    schedule,
+                    prediction,
+                    TimestepSpacing::Linspace,
+                    p.steps,
+                )?),
+                other => bail!("sample_sampler = {other:?}: use ddim or euler"),
+            },
+            (None, ..) => bail!("sampling needs the training noise schedule"),
         };
-        let cond = sd.guidance_cond(&p.negative, &p.prompt, p.height, p.width)?;
+        let cond = sd.guidance_cond(p)?;
         let _guard = tch::no_grad_guard();
         // Drawn on the CPU so a sample is the same on any device.
         tch::manual_seed(seed);
-        let shape = [1, 4, p.height / 8, p.width / 8];
+        let shape = [1, sd.latent_channels(), p.height / 8, p.width / 8];
         let noise = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu)).to_device(sd.device());
         let latents = lora_loss::sample(sampler.as_ref(), &noise, |x, t| {
             let x2 = Tensor::cat(&[x, x], 0);
@@ -166,7 +183,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("prompts.txt");
         std::fs::write(&path, text).unwrap();
-        read_prompts(&path, 512)
+        read_prompts(&path, 512, 7.5)
     }
 
     #[test]
@@ -184,6 +201,7 @@ mod tests {
                 steps: 20,
                 scale: 5.0,
                 seed: Some(7),
+                guidance: None,
             }
         );
         assert_eq!((p[1].width, p[1].steps, p[1].seed), (512, 30, None));

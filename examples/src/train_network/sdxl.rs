@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Result};
-use lora_core::{Injector, LayerFactory, LoraConfig, ModelPart, PlainLayers};
+use lora_core::{
+    Injector, LayerFactory, LoraConfig, ModelPart, PlainLayers, QuantBase, QuantConfig,
+    QuantFormat, QuantLayers,
+};
 use lora_models::{
     with_sdxl_kohya_names, AutoencoderKL, Checkpointing, ClipActivation, ClipTextConfig,
     ClipTextModel, ClipTextModelWithProjection, DiffusersFolder, DownBlockType, PredictionType,
@@ -16,7 +19,7 @@ use tch::nn::{self, VarStore};
 use tch::{Device, Kind};
 
 use super::args::TrainArgs;
-use super::model::{base_dtype, load_or_save, read_if_present};
+use super::model::{base_dtype, load_or_save_quant, read_if_present};
 
 /// The demo model's directory under `output_dir` (apart from the SD 1.5 demo's `demo-model`,
 /// so one output directory can hold both).
@@ -168,6 +171,10 @@ pub struct Injectors<'a> {
     pub te1: Option<Injector<'a>>,
     /// bigG.
     pub te2: Option<Injector<'a>>,
+    /// The U-Net's float8 base (kohya's `fp8_base` / `fp8_base_unet`); `None`: unquantized.
+    pub unet_quant: Option<QuantBase>,
+    /// The U-Net's factory without adapters over the float8 base.
+    unet_plain_quant: Option<QuantLayers>,
 }
 
 impl<'a> Injectors<'a> {
@@ -187,7 +194,33 @@ impl<'a> Injectors<'a> {
             .map(|i| with_sdxl_kohya_names(i, unet_config));
         let te1 = te.map(|c| Injector::new(root.clone(), ModelPart::Te1, c)).transpose()?;
         let te2 = te.map(|c| Injector::new(root.clone(), ModelPart::Te2, c)).transpose()?;
-        Ok(Self { unet, te1, te2 })
+        Ok(Self::assemble(unet, te1, te2))
+    }
+
+    /// Built injectors put together (a LoRA file's own, `Injector::from_modules`), unquantized
+    /// until [`Injectors::with_fp8_base`].
+    pub fn assemble(
+        unet: Option<Injector<'a>>,
+        te1: Option<Injector<'a>>,
+        te2: Option<Injector<'a>>,
+    ) -> Self {
+        Self { unet, te1, te2, unet_quant: None, unet_plain_quant: None }
+    }
+
+    /// Puts the U-Net's Linears over a float8 base when kohya's `fp8_base` or `fp8_base_unet`
+    /// is set (the text encoders stay unquantized, as kohya's SDXL trainer keeps them).
+    ///
+    /// # Errors
+    /// Never for this fixed config (kept fallible as `QuantConfig::build`).
+    pub fn with_fp8_base(mut self, a: &TrainArgs) -> Result<Self> {
+        if !(a.fp8_base || a.fp8_base_unet) {
+            return Ok(self);
+        }
+        let q = QuantConfig::new(QuantFormat::Fp8E4m3fn).with_parts([ModelPart::Unet]).build()?;
+        self.unet = self.unet.map(|i| i.with_quantized_base(&q));
+        self.unet_plain_quant = Some(QuantLayers::new(&q, ModelPart::Unet));
+        self.unet_quant = Some(q);
+        Ok(self)
     }
 
     /// The injectors present, U-Net first.
@@ -197,7 +230,12 @@ impl<'a> Injectors<'a> {
 
     /// The layer factories of (U-Net, TE1, TE2): the injector, or plain layers.
     pub fn factories(&self) -> [&dyn LayerFactory; 3] {
-        [factory(&self.unet), factory(&self.te1), factory(&self.te2)]
+        let unet: &dyn LayerFactory = match (&self.unet, &self.unet_plain_quant) {
+            (Some(i), _) => i,
+            (None, Some(q)) => q,
+            (None, None) => &PlainLayers,
+        };
+        [unet, factory(&self.te1), factory(&self.te2)]
     }
 }
 
@@ -239,6 +277,21 @@ pub fn build_base(
     a: &TrainArgs,
     device: Device,
 ) -> Result<Base> {
+    build_base_quant(w, f, None, a, device)
+}
+
+/// [`build_base`] with the U-Net's Linears over the float8 base `unet_quant` (the one the U-Net
+/// factory was made with, [`Injectors::with_fp8_base`]).
+///
+/// # Errors
+/// As [`build_base`].
+pub fn build_base_quant(
+    w: &Weights,
+    f: [&dyn LayerFactory; 3],
+    unet_quant: Option<&QuantBase>,
+    a: &TrainArgs,
+    device: Device,
+) -> Result<Base> {
     let mut stores: Vec<VarStore> = (0..4).map(|_| VarStore::new(device)).collect();
     let unet = SdxlUNet::new(stores[0].root(), &w.unet.0, f[0])?;
     let vae = AutoencoderKL::new(stores[1].root(), &w.vae.0, &PlainLayers)?;
@@ -250,8 +303,9 @@ pub fn build_base(
         ("text_encoder", &w.te1.1),
         ("text_encoder_2", &w.te2.2),
     ];
-    for ((name, sd), vs) in parts.into_iter().zip(&stores) {
-        load_or_save(name, vs, sd.as_ref(), w.demo_dir.as_deref())?;
+    for (i, ((name, sd), vs)) in parts.into_iter().zip(&stores).enumerate() {
+        let q = if i == 0 { unet_quant } else { None };
+        load_or_save_quant(name, vs, q, sd.as_ref(), w.demo_dir.as_deref())?;
     }
     let dtype = base_dtype(a.mixed_precision);
     let vae_dtype = if a.no_half_vae { Kind::Float } else { dtype };

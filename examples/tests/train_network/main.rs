@@ -3,7 +3,8 @@
 //! it trained on, resuming through the program is bit-exact, config errors name the file and
 //! the key, and (ignored; needs Python) diffusers reads the file we write. A short SDXL run
 //! (`model_family = "sdxl"`, its tiny demo model) lowers the loss too and writes kohya's SDXL
-//! module names.
+//! module names; a short FLUX.1 run (`model_family = "flux"`) lowers the flow-matching loss
+//! and writes kohya's FLUX names.
 //!
 //! One binary: each test binary links libtorch. The trainer seeds tch's global RNG, so every
 //! test holds [`common::lock`] for its whole length.
@@ -11,6 +12,8 @@
 mod common;
 mod config_errors;
 mod diffusers_export;
+mod distributed;
+mod flux_run;
 mod resume;
 mod sdxl_run;
 mod short_run;

@@ -133,9 +133,19 @@ fn with_sdxl_model<R>(
         Injector::from_modules(adapters.root(), ModelPart::Te1, lora.module_ranks(ModelPart::Te1));
     let te2 =
         Injector::from_modules(adapters.root(), ModelPart::Te2, lora.module_ranks(ModelPart::Te2));
-    let base = sdxl::build_base(&weights, [&unet, &te1, &te2], &cfg.args, Device::Cpu).unwrap();
-    let injectors = [&unet, &te1, &te2];
-    for inj in injectors {
+    let inj = sdxl::Injectors::assemble(Some(unet), Some(te1), Some(te2))
+        .with_fp8_base(&cfg.args)
+        .unwrap();
+    let base = sdxl::build_base_quant(
+        &weights,
+        inj.factories(),
+        inj.unet_quant.as_ref(),
+        &cfg.args,
+        Device::Cpu,
+    )
+    .unwrap();
+    let injectors = inj.all();
+    for inj in &injectors {
         inj.finish().unwrap();
     }
     lora.apply(&injectors).unwrap();
@@ -372,4 +382,41 @@ fn sdxl_diffusers_folder_builds_with_kohya_names() {
     assert!(u.contains(&"lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_k".to_owned()));
     assert!(t1.iter().all(|n| n.starts_with("lora_te1_text_model_encoder_layers_")));
     assert!(t2.iter().all(|n| n.starts_with("lora_te2_text_model_encoder_layers_")));
+}
+
+/// kohya's `fp8_base` for SDXL: the U-Net's Linears in float8 (e4m3fn, per-row scales), the
+/// run trains (the LoRA lowers the loss of the same float8 model without it) and writes the
+/// same kohya module names as over a plain base.
+#[test]
+fn sdxl_fp8_base_trains_over_a_float8_unet() {
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_sdxl_config(
+        dir.path(),
+        &Setup { steps: 30, ..Setup::default() },
+        &[("seed = 42", "seed = 42\nfp8_base = true")],
+    );
+    let summary =
+        run(&RunOptions { config: config.clone(), ..RunOptions::default() }).expect("training");
+    let cfg = Config::load(&config).unwrap();
+    assert!(cfg.args.fp8_base);
+    let batches = epoch_batches(&cfg);
+    let file = AdapterFile::read(&summary.lora).unwrap();
+    let (trained, base) = with_sdxl_model(&cfg, &file, |model, injectors| {
+        let trained = mean_loss(model, &batches, &SEEDS);
+        for inj in injectors {
+            inj.set_multiplier(0.0).unwrap();
+        }
+        (trained, mean_loss(model, &batches, &SEEDS))
+    });
+    println!("SDXL fp8 base: loss base {base:.5}, trained {trained:.5}");
+    assert!(trained < 0.9 * base, "trained {trained} is not clearly below base {base}");
+    let header = raw_header(&summary.lora);
+    let names: BTreeSet<String> = header
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora_down.weight"))
+        .filter(|k| k.starts_with("lora_unet_"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(names, kohya_unet_names().0, "U-Net modules over the float8 base");
 }

@@ -21,6 +21,10 @@ pub enum BaseModel {
     Sd2V,
     /// SDXL base (`sdxl_base_v1-0`, `stable-diffusion-xl-v1-base/lora`, 1024x1024).
     Sdxl,
+    /// FLUX.1 dev (`flux1`, `flux-1-dev/lora`, 1024x1024; no prediction type).
+    FluxDev,
+    /// FLUX.1 schnell (`flux1`, `flux-1-schnell/lora`, 1024x1024).
+    FluxSchnell,
 }
 
 impl BaseModel {
@@ -30,6 +34,7 @@ impl BaseModel {
             BaseModel::Sd2 => "sd_v2",
             BaseModel::Sd2V => "sd_v2_v",
             BaseModel::Sdxl => "sdxl_base_v1-0",
+            BaseModel::FluxDev | BaseModel::FluxSchnell => "flux1",
         }
     }
     fn architecture(self) -> &'static str {
@@ -38,11 +43,16 @@ impl BaseModel {
             BaseModel::Sd2 => "stable-diffusion-v2-512/lora",
             BaseModel::Sd2V => "stable-diffusion-v2-768-v/lora",
             BaseModel::Sdxl => "stable-diffusion-xl-v1-base/lora",
+            BaseModel::FluxDev => "flux-1-dev/lora",
+            BaseModel::FluxSchnell => "flux-1-schnell/lora",
         }
     }
     fn implementation(self) -> &'static str {
         match self {
             BaseModel::Sdxl => "https://github.com/Stability-AI/generative-models",
+            BaseModel::FluxDev | BaseModel::FluxSchnell => {
+                "https://github.com/black-forest-labs/flux"
+            }
             _ => "diffusers",
         }
     }
@@ -50,7 +60,7 @@ impl BaseModel {
         match self {
             BaseModel::Sd1 | BaseModel::Sd2 => 512,
             BaseModel::Sd2V => 768,
-            BaseModel::Sdxl => 1024,
+            BaseModel::Sdxl | BaseModel::FluxDev | BaseModel::FluxSchnell => 1024,
         }
     }
 }
@@ -191,11 +201,12 @@ fn metadata(injectors: &[&Injector<'_>], meta: &KohyaMetadata) -> Result<HashMap
         ("modelspec.title".into(), meta.title.clone()),
         ("modelspec.date".into(), meta.date.clone().unwrap_or_else(now_iso8601)),
         ("modelspec.resolution".into(), format!("{w}x{h}")),
-        (
-            "modelspec.prediction_type".into(),
-            if meta.base_model == BaseModel::Sd2V { "v" } else { "epsilon" }.into(),
-        ),
     ]);
+    // kohya writes no prediction type for FLUX (flow matching).
+    if !matches!(meta.base_model, BaseModel::FluxDev | BaseModel::FluxSchnell) {
+        let pred = if meta.base_model == BaseModel::Sd2V { "v" } else { "epsilon" };
+        m.insert("modelspec.prediction_type".into(), pred.into());
+    }
     for (k, v) in &meta.training {
         m.insert(k.clone(), v.clone());
     }

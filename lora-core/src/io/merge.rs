@@ -96,6 +96,21 @@ pub fn lora_delta(
     Ok(up.f_mm(&down)?.f_reshape(weight_shape)?.f_mul_scalar(scale)?)
 }
 
+/// Whether `kind` is a one-byte storage kind of a quantized base (float8 or int8 values).
+fn is_quantized_kind(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Float8e4m3fn
+            | Kind::Float8e5m2
+            | Kind::Float8e4m3fnuz
+            | Kind::Float8e5m2fnuz
+            | Kind::Int8
+            | Kind::Uint8
+            | Kind::QInt8
+            | Kind::QUInt8
+    )
+}
+
 /// The file-module names under which a weight of `part` at `path` can appear.
 fn candidate_names(format: Format, part: ModelPart, path: &str) -> Vec<String> {
     match format {
@@ -113,10 +128,15 @@ fn candidate_names(format: Format, part: ModelPart, path: &str) -> Vec<String> {
 /// Every module must match exactly one weight and fit its shape; otherwise nothing is
 /// changed. Several files merge by calling this once per file (the deltas add up).
 ///
+/// A weight stored quantized (float8 or int8 values, see [`crate::quant`]) is refused: the
+/// merged sum would have to be re-quantized, and a LoRA delta is mostly below the rounding
+/// step of a one-byte format, so it would vanish silently.
+///
 /// # Errors
 /// [`Error::Config`] for a non-finite multiplier; [`Error::Unmatched`] listing every file
 /// module that matches no weight, or more than one; [`Error::Shape`] naming the module when
-/// its matrices do not fit the weight.
+/// its matrices do not fit the weight; [`Error::QuantizedBase`] naming the first matched
+/// weight stored in a quantized kind.
 pub fn merge_into(
     file: &AdapterFile,
     multiplier: f64,
@@ -152,6 +172,17 @@ pub fn merge_into(
             what: format!("{}: LoRA modules that match no checkpoint weight", file.path.display()),
             items: problems,
         });
+    }
+    // A quantized weight anywhere refuses the whole merge, before anything changes.
+    for (_, _, t, key) in &plan {
+        let kind = targets[*t].weights[key].kind();
+        if is_quantized_kind(kind) {
+            return Err(Error::QuantizedBase {
+                path: key.clone(),
+                op: "merge an adapter into".into(),
+                format: format!("{kind:?}"),
+            });
+        }
     }
     // Every delta first, so a shape error leaves the weights untouched.
     let deltas = tch::no_grad(|| {
@@ -246,6 +277,28 @@ mod tests {
         assert_eq!(report.merged[0].key, "a.to_q.weight");
         assert_eq!(unet["a.to_q.weight"].kind(), Kind::Float);
         assert!(max_diff(&unet["a.to_q.weight"], &want) < 1e-6);
+    }
+
+    #[test]
+    fn quantized_weights_are_refused_unchanged() {
+        let w = randn(&[2, 3], 5);
+        let q = w.to_kind(Kind::Float8e4m3fn);
+        let mut unet = BTreeMap::from([
+            ("a.weight".to_owned(), w.copy()),
+            ("b.weight".to_owned(), q.shallow_clone()),
+        ]);
+        let m = || ModuleWeights { down: randn(&[1, 3], 1), up: randn(&[2, 1], 2), alpha: None };
+        let f = file(vec![("lora_unet_a", m()), ("lora_unet_b", m())]);
+        let err =
+            merge_into(&f, 1.0, &mut [MergeTarget { part: ModelPart::Unet, weights: &mut unet }])
+                .unwrap_err();
+        assert!(
+            matches!(err, Error::QuantizedBase { ref path, .. } if path == "b.weight"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("quantized"), "{err}");
+        assert!(unet["a.weight"].equal(&w), "nothing merged");
+        assert_eq!(unet["b.weight"].kind(), Kind::Float8e4m3fn);
     }
 
     #[test]

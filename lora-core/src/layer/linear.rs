@@ -3,6 +3,7 @@
 use tch::{nn, Tensor};
 
 use super::branch::{accumulate, Branch};
+use crate::quant::QuantWeight;
 
 /// A Linear layer with a LoRA adapter: `ys = x W^T + b + multiplier * scale * (x A^T) B^T`.
 ///
@@ -10,6 +11,10 @@ use super::branch::{accumulate, Branch};
 /// `lora_down` (A) and `lora_up` (B) live in the adapter VarStore (f32 by default). With a
 /// low-precision base the adapter path runs in the adapter kind: the input is cast up once
 /// and the branch output cast back once. Built by [`crate::Injector`].
+///
+/// Over a quantized base ([`crate::Injector::with_quantized_base`]) the base path is
+/// [`QuantWeight::linear`] (dequantized per call in the input's kind, nothing kept for
+/// backward) and `weight` holds the quantized values; the branch is unchanged.
 ///
 /// # Shapes
 /// `weight: [out, in]`, `bias: [out]`, `lora_down: [rank, in]`, `lora_up: [out, rank]`;
@@ -19,6 +24,8 @@ pub struct LoraLinear {
     pub(crate) weight: Tensor,
     pub(crate) bias: Option<Tensor>,
     pub(crate) branch: Branch,
+    /// The quantized base, when there is one (`weight` is then its values tensor).
+    pub(crate) quant: Option<QuantWeight>,
 }
 
 impl LoraLinear {
@@ -27,9 +34,14 @@ impl LoraLinear {
         &self.branch.path
     }
 
-    /// The base weight `[out, in]`.
+    /// The base weight `[out, in]` (the quantized values over a quantized base).
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// The quantized base weight, if the base is quantized.
+    pub fn quantized_base(&self) -> Option<&QuantWeight> {
+        self.quant.as_ref()
     }
 
     /// `lora_down.weight` (A) `[rank, in]`.
@@ -50,8 +62,11 @@ impl LoraLinear {
 
 impl nn::ModuleT for LoraLinear {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        // 1. Base output in the base kind.
-        let ys = xs.linear(&self.weight, self.bias.as_ref());
+        // 1. Base output in the base kind (dequantized in the input's kind when quantized).
+        let ys = match &self.quant {
+            Some(q) => q.linear(xs, self.bias.as_ref()),
+            None => xs.linear(&self.weight, self.bias.as_ref()),
+        };
         // 2. Skipped branch (merged, multiplier 0, module dropout): exactly the base output.
         let Some(scale) = self.branch.active_scale(train) else { return ys };
         let (down, up, factor) = self.branch.weights(train);

@@ -36,6 +36,13 @@ pub(crate) struct StateFile {
     pub(crate) gradient_accumulation_steps: usize,
     pub(crate) total_steps: Option<u64>,
     pub(crate) lr: f64,
+    /// Processes of the run that wrote it (absent in files from before data parallelism).
+    #[serde(default = "one")]
+    pub(crate) world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 pub(crate) const STATE_FORMAT: u32 = 1;

@@ -18,6 +18,7 @@ use tch::Tensor;
 
 use super::clip::clip_grad_norm;
 use super::Optimizer;
+use crate::dist::GradSync;
 use crate::{FusedBackward, FusedMode, ParamStep, Result};
 
 /// Adapts an [`Optimizer`] to [`ParamStep`]: the flat parameter list of a
@@ -31,6 +32,10 @@ pub struct FusedStepper<O> {
     pub lr: f64,
     /// Per-tensor gradient clipping; `None` disables it.
     pub max_grad_norm: Option<f64>,
+    /// Data-parallel run: each chunk's gradients are averaged over ranks (one bucketed
+    /// all-reduce per chunk, inside backward) before it is stepped. Every rank must produce a
+    /// gradient for every trainable tensor, so the chunks fire in the same order everywhere.
+    pub sync: Option<GradSync>,
 }
 
 impl<O: Optimizer> FusedStepper<O> {
@@ -42,7 +47,7 @@ impl<O: Optimizer> FusedStepper<O> {
             .enumerate()
             .flat_map(|(g, group)| (0..group.params.len()).map(move |i| (g, i)))
             .collect();
-        Self { optimizer, position, lr: 0.0, max_grad_norm }
+        Self { optimizer, position, lr: 0.0, max_grad_norm, sync: None }
     }
 
     /// The wrapped optimizer (for `state_bytes`, `save_state`, ...).
@@ -58,6 +63,10 @@ impl<O: Optimizer> FusedStepper<O> {
 
 impl<O: Optimizer + Send + 'static> ParamStep for FusedStepper<O> {
     fn step_params(&mut self, params: &[Tensor], indices: &[usize]) -> Result<()> {
+        if let Some(sync) = &self.sync {
+            let chunk: Vec<Tensor> = indices.iter().map(|&i| params[i].shallow_clone()).collect();
+            sync.average_grads(&chunk)?;
+        }
         for &i in indices {
             let grad = params[i].grad();
             if !grad.defined() {

@@ -12,6 +12,7 @@ use super::{
     fused_backward, step_seed, BatchSource, Denoiser, FusedStepper, LrPolicy, NonFinitePolicy,
     Objective, Optimizer, TrainConfig, TrainState,
 };
+use crate::dist::{GradSync, OverlapSync};
 use crate::{Error, FusedBackward, Result};
 
 /// The optimizer in either mode. Both hold the same `Box<dyn Optimizer>`; the fused one holds
@@ -122,9 +123,28 @@ pub struct TrainerBuilder<D, O> {
     schedule: Option<Box<dyn LrPolicy + Send>>,
     config: TrainConfig,
     checkpoint_dir: Option<PathBuf>,
+    sync: Option<GradSync>,
 }
 
 impl<D: Denoiser, O: Objective> TrainerBuilder<D, O> {
+    /// Data-parallel training (see [`crate::dist`]): `build` copies rank 0's trainable
+    /// tensors to every rank, every update uses the gradients averaged over ranks, each rank
+    /// draws its own noise (the seed is mixed with the rank; rank 0 draws what a single
+    /// process would), and only rank 0 writes the checkpoints of [`Trainer::run`]; a
+    /// checkpoint records the world size and [`Trainer::resume`] requires the same.
+    ///
+    /// In plain mode the average of each 25 MiB bucket starts inside the backward pass of the
+    /// cycle's last micro-batch, as soon as the bucket's gradients are complete
+    /// ([`OverlapSync`]), and is finished before clipping and the step. In a fused mode each
+    /// chunk is averaged inside backward before it is stepped; there every rank must produce
+    /// a gradient for every trainable tensor and skipping non-finite batches is not
+    /// supported (the ranks' hooks would no longer match).
+    #[must_use]
+    pub fn grad_sync(mut self, sync: GradSync) -> Self {
+        self.sync = Some(sync);
+        self
+    }
+
     /// The optimizer over the trainable parameters (every lora-optim optimizer, boxed).
     #[must_use]
     pub fn optimizer(mut self, optimizer: Box<dyn Optimizer + Send>) -> Self {
@@ -175,9 +195,34 @@ impl<D: Denoiser, O: Objective> TrainerBuilder<D, O> {
             });
         }
         let max_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm);
+        if let Some(sync) = &self.sync {
+            let params: Vec<Tensor> = optimizer
+                .groups()
+                .iter()
+                .flat_map(|g| g.params.iter().map(|(_, p)| p.shallow_clone()))
+                .collect();
+            sync.broadcast_params(&params, 0)?;
+        }
+        // Plain mode overlaps the gradient average with backward (hooks on every parameter;
+        // fused mode has its own hooks and averages per chunk instead).
+        let overlap = match (&self.sync, config.fused_mode()) {
+            (Some(sync), None) => {
+                let params: Vec<Tensor> = optimizer
+                    .groups()
+                    .iter()
+                    .flat_map(|g| g.params.iter().map(|(_, p)| p.shallow_clone()))
+                    .collect();
+                Some(OverlapSync::new(sync, &params)?)
+            }
+            _ => None,
+        };
         let updater = match config.fused_mode() {
             None => Updater::Plain(optimizer),
-            Some(mode) => Updater::Fused(fused_backward(optimizer, mode, max_norm)?),
+            Some(mode) => {
+                let fb = fused_backward(optimizer, mode, max_norm)?;
+                fb.stepper().sync.clone_from(&self.sync);
+                Updater::Fused(fb)
+            }
         };
         Ok(Trainer {
             denoiser: self.denoiser,
@@ -190,6 +235,8 @@ impl<D: Denoiser, O: Objective> TrainerBuilder<D, O> {
             in_cycle: 0,
             accumulated: 0,
             total_steps: None,
+            sync: self.sync,
+            overlap,
         })
     }
 }
@@ -220,6 +267,11 @@ pub struct Trainer<D, O> {
     accumulated: usize,
     /// Set by `run`.
     total_steps: Option<u64>,
+    /// Data-parallel gradient averaging (plain mode applies it; fused mode holds a copy in
+    /// its stepper).
+    sync: Option<GradSync>,
+    /// Plain mode in a data-parallel run: the average, started inside backward.
+    overlap: Option<OverlapSync>,
 }
 
 impl<D: Denoiser, O: Objective> Trainer<D, O> {
@@ -232,6 +284,7 @@ impl<D: Denoiser, O: Objective> Trainer<D, O> {
             schedule: None,
             config: TrainConfig::default(),
             checkpoint_dir: None,
+            sync: None,
         }
     }
 
@@ -253,6 +306,23 @@ impl<D: Denoiser, O: Objective> Trainer<D, O> {
     /// The loop settings.
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// This process's rank in a data-parallel run (0 otherwise).
+    pub fn rank(&self) -> usize {
+        self.sync.as_ref().map_or(0, |s| s.group().rank())
+    }
+
+    /// Number of data-parallel processes (1 otherwise).
+    pub fn world_size(&self) -> usize {
+        self.sync.as_ref().map_or(1, |s| s.group().world_size())
+    }
+
+    /// The seed of this rank's random draws: the configured seed on rank 0 (so rank 0 draws
+    /// what a single process would), a mixed one on the others.
+    fn rank_seed(&self) -> u64 {
+        let rank = self.rank() as u64;
+        self.state.seed ^ rank.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
     /// The learning rate of the next update.
@@ -291,7 +361,10 @@ impl<D: Denoiser, O: Objective> Trainer<D, O> {
         let accum = self.config.gradient_accumulation_steps;
         let last = self.in_cycle + 1 >= accum || end_of_epoch;
         let lr = self.schedule.lr(self.state.step);
-        tch::manual_seed(step_seed(self.state.seed, self.state.micro_batches));
+        if let (Some(o), true) = (&self.overlap, last) {
+            o.arm();
+        }
+        tch::manual_seed(step_seed(self.rank_seed(), self.state.micro_batches));
         let enc = self.denoiser.encode(batch, true)?;
         let denoiser = &self.denoiser;
         let loss = self.objective.loss(&enc, &mut |x, t| denoiser.predict(x, t, &enc, true))?;
@@ -329,7 +402,9 @@ impl<D: Denoiser, O: Objective> Trainer<D, O> {
         let mut grad_norm = None;
         let mut updated = false;
         if last {
-            if self.accumulated > 0 {
+            // In a data-parallel run every rank joins the gradient average even when all its
+            // batches of the cycle were skipped (its zeros count), so collectives stay matched.
+            if self.accumulated > 0 || (self.sync.is_some() && self.config.fused_mode().is_none()) {
                 grad_norm = self.apply(lr)?;
                 updated = true;
             }
@@ -356,6 +431,9 @@ impl<D: Denoiser, O: Objective> Trainer<D, O> {
         match &mut self.updater {
             Updater::Fused(_) => Ok(None),
             Updater::Plain(opt) => {
+                if let Some(o) = &self.overlap {
+                    o.finish()?;
+                }
                 let norm = if max_norm > 0.0 { Some(opt.clip_grad_norm(max_norm)?) } else { None };
                 opt.step(lr)?;
                 opt.zero_grad();
@@ -365,6 +443,9 @@ impl<D: Denoiser, O: Objective> Trainer<D, O> {
     }
 
     fn drop_cycle(&mut self) {
+        if let Some(o) = &self.overlap {
+            o.reset();
+        }
         if let Updater::Plain(opt) = &mut self.updater {
             opt.zero_grad();
         }
@@ -402,6 +483,7 @@ impl<D: Denoiser, O: Objective> Trainer<D, O> {
             gradient_accumulation_steps: self.config.gradient_accumulation_steps,
             total_steps: self.total_steps,
             lr: self.lr(),
+            world_size: self.world_size(),
         };
         let path = write_checkpoint(dir, self.state.step, |tmp| {
             write_tensors(&tmp.join(TRAINABLE_FILE), &trainable)?;
@@ -426,6 +508,18 @@ impl<D: Denoiser, O: Objective> Trainer<D, O> {
     /// from this trainer's.
     pub fn resume(&mut self, checkpoint: &Path) -> Result<()> {
         let s = read_state(&checkpoint.join(STATE_FILE))?;
+        if s.world_size != self.world_size() {
+            return Err(Error::Training {
+                step: s.state.step,
+                reason: format!(
+                    "{}: saved by a run of {} process(es), this run has {}; resume with the \
+                     same world size (the data order and step counts depend on it)",
+                    checkpoint.display(),
+                    s.world_size,
+                    self.world_size()
+                ),
+            });
+        }
         if s.gradient_accumulation_steps != self.config.gradient_accumulation_steps {
             return Err(Error::Training {
                 step: s.state.step,
@@ -519,6 +613,10 @@ impl<D: Denoiser, O: Objective> Trainer<D, O> {
             key: "checkpoint_dir".into(),
             reason: "no checkpoint directory".into(),
         })?;
+        if self.rank() != 0 {
+            // Every rank holds the same adapters and optimizer state; rank 0 writes them.
+            return Ok(dir.join(checkpoint::checkpoint_name(self.state.step)));
+        }
         self.save_checkpoint(dir, &mut |tmp, state| observer.on_checkpoint(tmp, state))
     }
 }

@@ -9,10 +9,12 @@
 
 mod ddim;
 mod euler;
+mod flow;
 mod spacing;
 
 pub use ddim::DdimSampler;
 pub use euler::EulerSampler;
+pub use flow::FlowEulerSampler;
 pub use spacing::TimestepSpacing;
 
 use tch::{Device, Tensor};

@@ -9,11 +9,12 @@ use serde_json::json;
 use tch::{nn, Tensor};
 
 use crate::json::JsonConfig;
+use crate::keys::KeyMap;
 use crate::sd::resnet::{
     conv1x1, conv3x3, group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
 };
 use crate::util::{dims3, dims4};
-use crate::{Error, Result};
+use crate::{Error, Result, StateDict};
 
 /// Epsilon of every GroupNorm in the VAE (hard-coded upstream).
 const VAE_EPS: f64 = 1e-6;
@@ -38,6 +39,20 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     /// Whether the mid blocks have their attention layer.
     pub mid_block_add_attention: bool,
+    /// Subtracted from latents before scaling: the denoiser sees
+    /// `(z - shift_factor) · scaling_factor` (FLUX: 0.1159; `None` for SD, i.e. 0).
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// Whether the 1x1 `quant_conv` follows the encoder (SD: yes; FLUX: no).
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    /// Whether the 1x1 `post_quant_conv` precedes the decoder (SD: yes; FLUX: no).
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl VaeConfig {
@@ -52,6 +67,24 @@ impl VaeConfig {
             norm_num_groups: 32,
             scaling_factor: 0.18215,
             mid_block_add_attention: true,
+            shift_factor: None,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+        }
+    }
+
+    /// FLUX.1's 16-channel autoencoder (`black-forest-labs/FLUX.1-dev/vae/config.json`, BFL's
+    /// `ae.safetensors`): SD's architecture with 16 latent channels, no `quant_conv` /
+    /// `post_quant_conv`, scaling factor 0.3611 and shift factor 0.1159. Like SDXL's, run it
+    /// in f32 or bf16 (diffusers marks it `force_upcast`).
+    pub fn flux() -> Self {
+        Self {
+            latent_channels: 16,
+            scaling_factor: 0.3611,
+            shift_factor: Some(0.1159),
+            use_quant_conv: false,
+            use_post_quant_conv: false,
+            ..Self::sd15()
         }
     }
 
@@ -99,10 +132,14 @@ impl VaeConfig {
         let j = JsonConfig::read(path.as_ref())?;
         j.require("_class_name", &json!("AutoencoderKL"))?;
         j.require("act_fn", &json!("silu"))?;
-        j.require("use_quant_conv", &json!(true))?;
-        j.require("use_post_quant_conv", &json!(true))?;
         j.require_null("latents_mean")?;
-        j.require_null("shift_factor")?;
+        let shift_factor = match j.get("shift_factor") {
+            None => None,
+            Some(v) => Some(v.as_f64().ok_or_else(|| Error::File {
+                path: path.as_ref().to_path_buf(),
+                reason: format!("`shift_factor`: expected a number, got {v}"),
+            })?),
+        };
         let block_out_channels = j.ints("block_out_channels")?;
         let n = block_out_channels.len();
         for (key, want) in
@@ -125,6 +162,9 @@ impl VaeConfig {
             norm_num_groups: j.int_or("norm_num_groups", 32)?,
             scaling_factor: j.float_or("scaling_factor", 0.18215)?,
             mid_block_add_attention: j.bool_or("mid_block_add_attention", true)?,
+            shift_factor,
+            use_quant_conv: j.bool_or("use_quant_conv", true)?,
+            use_post_quant_conv: j.bool_or("use_post_quant_conv", true)?,
         };
         cfg.validate().map_err(|e| Error::File {
             path: path.as_ref().to_path_buf(),
@@ -371,14 +411,15 @@ impl LatentDist {
 /// The KL-regularised autoencoder of Stable Diffusion (diffusers' `AutoencoderKL`).
 ///
 /// Multiply encoded latents by [`AutoencoderKL::scaling_factor`] before the U-Net, and divide
-/// by it before decoding.
+/// by it before decoding; with a shift factor (FLUX) use [`AutoencoderKL::scale_latents`] /
+/// [`AutoencoderKL::unscale_latents`], which do both.
 #[derive(Debug)]
 pub struct AutoencoderKL {
     config: VaeConfig,
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Layer,
-    post_quant_conv: Layer,
+    quant_conv: Option<Layer>,
+    post_quant_conv: Option<Layer>,
 }
 
 impl AutoencoderKL {
@@ -393,13 +434,17 @@ impl AutoencoderKL {
             config: config.clone(),
             encoder: Encoder::new(&vs / "encoder", f, config)?,
             decoder: Decoder::new(&vs / "decoder", f, config)?,
-            quant_conv: conv1x1(&vs / "quant_conv", f, z, z)?,
-            post_quant_conv: conv1x1(
-                &vs / "post_quant_conv",
-                f,
-                config.latent_channels,
-                config.latent_channels,
-            )?,
+            quant_conv: if config.use_quant_conv {
+                Some(conv1x1(&vs / "quant_conv", f, z, z)?)
+            } else {
+                None
+            },
+            post_quant_conv: if config.use_post_quant_conv {
+                let c = config.latent_channels;
+                Some(conv1x1(&vs / "post_quant_conv", f, c, c)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -413,13 +458,33 @@ impl AutoencoderKL {
         self.config.scaling_factor
     }
 
+    /// The latent shift factor (0 when the config has none).
+    pub fn shift_factor(&self) -> f64 {
+        self.config.shift_factor.unwrap_or(0.0)
+    }
+
+    /// Latents as the denoiser sees them: `(z - shift_factor) · scaling_factor`.
+    pub fn scale_latents(&self, z: &Tensor) -> Tensor {
+        (z - self.shift_factor()) * self.config.scaling_factor
+    }
+
+    /// The inverse of [`AutoencoderKL::scale_latents`]: `x / scaling_factor + shift_factor`,
+    /// what [`AutoencoderKL::decode`] takes.
+    pub fn unscale_latents(&self, x: &Tensor) -> Tensor {
+        x / self.config.scaling_factor + self.shift_factor()
+    }
+
     /// Encodes images in [-1, 1] to the latent distribution (unscaled).
     ///
     /// # Shapes
     /// `[b, in_channels, h, w]` → mean / logvar `[b, latent_channels, h/f, w/f]`,
     /// `f = 2^(levels-1)`.
     pub fn encode(&self, images: &Tensor) -> LatentDist {
-        let moments = self.quant_conv.forward_t(&self.encoder.forward(images, false), false);
+        let moments = self.encoder.forward(images, false);
+        let moments = match &self.quant_conv {
+            Some(q) => q.forward_t(&moments, false),
+            None => moments,
+        };
         let mv = moments.chunk(2, 1);
         LatentDist { mean: mv[0].shallow_clone(), logvar: mv[1].clamp(-30.0, 20.0) }
     }
@@ -429,6 +494,45 @@ impl AutoencoderKL {
     /// # Shapes
     /// `[b, latent_channels, h, w]` → `[b, out_channels, h·f, w·f]`.
     pub fn decode(&self, latents: &Tensor) -> Tensor {
-        self.decoder.forward(&self.post_quant_conv.forward_t(latents, false), false)
+        match &self.post_quant_conv {
+            Some(p) => self.decoder.forward(&p.forward_t(latents, false), false),
+            None => self.decoder.forward(latents, false),
+        }
     }
+}
+
+/// Renames an original (LDM / CompVis) VAE state dict to the diffusers keys
+/// [`AutoencoderKL`] is built with: BFL's FLUX `ae.safetensors` (`encoder.down.0.block.0.*`,
+/// `decoder.mid.attn_1.q.*`), or the VAE of an SD single file (keys prefixed
+/// `first_stage_model.`, or `vae.` as ComfyUI bundles write; the prefix is stripped). The
+/// mid-block attention's 1x1-conv weights become Linear weights. Uses the same
+/// [`KeyMap::vae`] registry as [`SingleFile`](crate::SingleFile).
+///
+/// # Errors
+/// [`Error::File`] listing the keys no rule maps (first 24).
+pub fn vae_from_ldm(sd: StateDict, config: &VaeConfig) -> Result<StateDict> {
+    let path = sd.path().to_path_buf();
+    let map = KeyMap::vae(config);
+    let mut out = std::collections::BTreeMap::new();
+    let mut unmapped = Vec::new();
+    for (key, t) in sd.into_tensors() {
+        let rest =
+            ["first_stage_model.", "vae."].iter().find_map(|p| key.strip_prefix(p)).unwrap_or(&key);
+        match map.to_diffusers(rest) {
+            Some(r) => {
+                let t = if r.conv_linear && t.dim() > 2 { t.flatten(1, -1) } else { t };
+                out.insert(r.key, t);
+            }
+            None => unmapped.push(format!("`{key}`")),
+        }
+    }
+    if !unmapped.is_empty() {
+        let n = unmapped.len();
+        unmapped.truncate(24);
+        return Err(Error::File {
+            path,
+            reason: format!("{n} key(s) match no VAE rule: {}", unmapped.join(", ")),
+        });
+    }
+    Ok(StateDict::from_tensors(path, out))
 }

@@ -1,0 +1,532 @@
+//! Building the FLUX.1 model (kohya's `flux_train_network.py`): base weights from a diffusers
+//! folder, from BFL's single files (`pretrained_model_name_or_path` = the transformer, with
+//! `clip_l`, `t5xxl`, `ae`), or the tiny random FLUX-shaped demo model; the injectors
+//! (transformer `lora_unet_` with kohya's FLUX targets, CLIP-L `lora_te1_`, T5 `lora_te3_` with
+//! `train_t5xxl`); the training pipeline; FLUX sampling.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use lora_core::{
+    Injector, LayerFactory, LoraConfig, ModelPart, PlainLayers, QuantBase, QuantConfig,
+    QuantFormat, QuantLayers,
+};
+use lora_loss::{FlowEulerSampler, Sampler};
+use lora_models::flux_lora::{flux_text_encoder_targets, FluxLoraTargets};
+use lora_models::{
+    read_flux_single_file, read_t5_encoder_weights, vae_from_ldm, AutoencoderKL, Checkpointing,
+    ClipActivation, ClipTextConfig, ClipTextModel, ClipTokenizer, DiffusersFolder, Flux,
+    FluxConfig, StateDict, T5Config, T5EncoderModel, T5Tokenizer, VaeConfig, T5_MAX_LENGTH_DEV,
+    T5_MAX_LENGTH_SCHNELL,
+};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use super::args::{kv_list, TrainArgs};
+use super::model::{base_dtype, load_or_save_quant, read_if_present};
+use super::pipeline::SamplingModel;
+use super::sample::SamplePrompt;
+
+/// The demo model's directory under `output_dir`.
+pub const DEMO_DIR: &str = "demo-model-flux";
+
+/// The demo's T5 tokenizer: a small SentencePiece unigram model (trained by
+/// `lora-models/tests/fixtures/t5/gen.py`), so the demo runs the real tokenizer code.
+const DEMO_SPIECE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../lora-models/tests/fixtures/t5/spiece.model");
+
+/// The tiny FLUX-shaped demo architecture: FLUX.1 dev's layout (double- and single-stream
+/// blocks, 3-axis RoPE, guidance embedding, 16-channel latents packed 2x2) at a fraction of
+/// the width; a tiny T5 over the demo tokenizer's vocabulary, a CLIP-L-like encoder with the
+/// real CLIP vocabulary, an 8x 16-channel autoencoder with FLUX's scale and shift.
+pub fn demo_configs(t5_vocab: i64) -> (FluxConfig, VaeConfig, ClipTextConfig, T5Config) {
+    let clip = ClipTextConfig {
+        hidden_size: 64,
+        intermediate_size: 256,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        hidden_act: ClipActivation::QuickGelu,
+        ..ClipTextConfig::sd15()
+    };
+    let t5 = T5Config {
+        vocab_size: t5_vocab,
+        d_model: 64,
+        d_kv: 32,
+        d_ff: 128,
+        num_layers: 2,
+        num_heads: 2,
+        ..T5Config::t5_xxl()
+    };
+    let flux = FluxConfig {
+        vec_in_dim: clip.hidden_size,
+        context_in_dim: t5.d_model,
+        hidden_size: 64,
+        num_heads: 2,
+        depth: 2,
+        depth_single_blocks: 2,
+        axes_dim: vec![8, 12, 12],
+        ..FluxConfig::dev()
+    };
+    let vae = VaeConfig {
+        block_out_channels: vec![16, 32, 32, 32],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        ..VaeConfig::flux()
+    };
+    (flux, vae, clip, t5)
+}
+
+/// Base weights and architecture of the four FLUX parts (`None` weights: the demo model,
+/// built random and saved).
+#[derive(Debug)]
+pub struct Weights {
+    /// Transformer.
+    pub transformer: (FluxConfig, Option<StateDict>),
+    /// Autoencoder.
+    pub vae: (VaeConfig, Option<StateDict>),
+    /// CLIP-L.
+    pub clip: (ClipTextConfig, Option<StateDict>),
+    /// T5 encoder.
+    pub t5: (T5Config, Option<StateDict>),
+    /// T5's tokenizer.
+    pub t5_tokenizer: T5Tokenizer,
+    /// Where the demo model is saved after creation (`None` for a real checkpoint).
+    pub demo_dir: Option<PathBuf>,
+    /// A BFL single file to stream the transformer from, one tensor at a time, while building
+    /// (the transformer's weights are then `None`): the 24 GB file is never held whole.
+    pub transformer_file: Option<PathBuf>,
+}
+
+/// CLIP ViT-L/14's text tower (FLUX's `text_encoder`), for single files without a config.
+fn clip_l_config() -> ClipTextConfig {
+    ClipTextConfig::sd15()
+}
+
+/// Reads the FLUX checkpoint: a diffusers folder (`transformer`, `vae`, `text_encoder`,
+/// `text_encoder_2`, `tokenizer_2`), BFL's single file plus `clip_l`, `t5xxl` and `ae`, or
+/// (`None`) the demo model under `output_dir/demo-model-flux`, created on first use.
+///
+/// # Errors
+/// Unreadable checkpoints, missing parts or settings.
+pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
+    let Some(path) = &a.pretrained_model_name_or_path else {
+        let tok = T5Tokenizer::from_spiece_model(DEMO_SPIECE)?;
+        let (f, v, c, t) = demo_configs(tok.vocab_size() as i64);
+        let dir = a.output_dir.join(DEMO_DIR);
+        return Ok(Weights {
+            transformer: (f, read_if_present(&dir, "transformer")?),
+            vae: (v, read_if_present(&dir, "vae")?),
+            clip: (c, read_if_present(&dir, "text_encoder")?),
+            t5: (t, read_if_present(&dir, "text_encoder_2")?),
+            t5_tokenizer: tok,
+            demo_dir: Some(dir),
+            transformer_file: None,
+        });
+    };
+    if path.is_dir() {
+        let folder = DiffusersFolder::new(path);
+        let (fc, fs) = folder.flux_transformer()?;
+        let (vc, vs) = folder.vae()?;
+        let (cc, cs) = folder.text_encoder()?;
+        let (tc, ts) = read_t5_dir(&path.join("text_encoder_2"))?;
+        let tok = T5Tokenizer::from_dir(path.join("tokenizer_2"))?;
+        return Ok(Weights {
+            transformer: (fc, Some(fs)),
+            vae: (vc, Some(vs)),
+            clip: (cc, Some(cs)),
+            t5: (tc, Some(ts)),
+            t5_tokenizer: tok,
+            demo_dir: None,
+            transformer_file: None,
+        });
+    }
+    let need = |key: &str, v: &Option<PathBuf>| -> Result<PathBuf> {
+        v.clone().ok_or_else(|| {
+            anyhow!(
+                "{}: a FLUX single file holds the transformer only: set `{key}` too",
+                path.display()
+            )
+        })
+    };
+    let (clip_p, t5_p, ae_p) =
+        (need("clip_l", &a.clip_l)?, need("t5xxl", &a.t5xxl)?, need("ae", &a.ae)?);
+    // BFL's own file has the model's keys: its architecture comes from the header and its
+    // tensors are streamed while building. A file with a prefix (ComfyUI's
+    // `model.diffusion_model.`) is read whole and renamed.
+    let shapes = StateDict::read_shapes(path)?;
+    let streamable = shapes.get("img_in.weight").is_some();
+    let (fc, fs) = if streamable {
+        (FluxConfig::infer_from_original(&shapes, &FluxConfig::dev().axes_dim)?, None)
+    } else {
+        let fs = read_flux_single_file(path)?;
+        (FluxConfig::infer_from_original(&fs, &FluxConfig::dev().axes_dim)?, Some(fs))
+    };
+    drop(shapes);
+    let (vc, vs) = if ae_p.is_dir() {
+        DiffusersFolder::new(ae_p.parent().unwrap_or(Path::new("."))).vae()?
+    } else {
+        let vc = VaeConfig::flux();
+        (vc.clone(), vae_from_ldm(StateDict::read(&ae_p)?, &vc)?)
+    };
+    let (cc, cs) = if clip_p.is_dir() {
+        DiffusersFolder::new(clip_p.parent().unwrap_or(Path::new("."))).text_encoder()?
+    } else {
+        (clip_l_config(), StateDict::read(&clip_p)?)
+    };
+    let (tc, ts) = if t5_p.is_dir() {
+        read_t5_dir(&t5_p)?
+    } else {
+        (T5Config::t5_xxl(), read_t5_encoder_weights(&t5_p)?)
+    };
+    let tok_dir = if t5_p.is_dir() {
+        t5_p.clone()
+    } else {
+        t5_p.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let tok = T5Tokenizer::from_dir(&tok_dir).with_context(|| {
+        format!(
+            "T5's tokenizer (spiece.model or tokenizer.json) is read from {}, next to `t5xxl`",
+            tok_dir.display()
+        )
+    })?;
+    Ok(Weights {
+        transformer_file: fs.is_none().then(|| path.clone()),
+        transformer: (fc, fs),
+        vae: (vc, Some(vs)),
+        clip: (cc, Some(cs)),
+        t5: (tc, Some(ts)),
+        t5_tokenizer: tok,
+        demo_dir: None,
+    })
+}
+
+/// A transformers T5 folder: `config.json` and its safetensors.
+fn read_t5_dir(dir: &Path) -> Result<(T5Config, StateDict)> {
+    let cfg = T5Config::from_transformers_json(dir.join("config.json"))?;
+    Ok((cfg, read_t5_encoder_weights(dir)?))
+}
+
+/// The LoRA configs of (transformer, CLIP-L, T5) from kohya's FLUX network arguments
+/// (`train_blocks`, `train_double_block_indices`, `train_single_block_indices`, `split_qkv`,
+/// `train_t5xxl`, dropouts, LoRA+ ratios); `None`: that part is not trained.
+///
+/// # Errors
+/// An unknown or malformed network argument, a block selection that adapts nothing.
+pub fn lora_configs(
+    a: &TrainArgs,
+    cfg: &FluxConfig,
+) -> Result<(Option<LoraConfig>, Option<LoraConfig>, Option<LoraConfig>)> {
+    let mut target_args = BTreeMap::new();
+    let mut rest = Vec::new();
+    for (k, v) in kv_list(&a.network_args, "network_args")? {
+        match k.as_str() {
+            "train_blocks"
+            | "train_double_block_indices"
+            | "train_single_block_indices"
+            | "split_qkv"
+            | "train_t5xxl"
+            | "in_dims"
+            | "img_attn_dim"
+            | "txt_attn_dim"
+            | "img_mlp_dim"
+            | "txt_mlp_dim"
+            | "img_mod_dim"
+            | "txt_mod_dim"
+            | "single_dim"
+            | "single_mod_dim" => {
+                target_args.insert(k, v);
+            }
+            _ => rest.push((k, v)),
+        }
+    }
+    let targets = FluxLoraTargets::new(
+        cfg.depth as usize,
+        cfg.depth_single_blocks as usize,
+        cfg.hidden_size,
+        cfg.mlp_hidden_dim(),
+    )
+    .with_network_args(&target_args)?;
+    let mut unet = targets.lora_config(a.network_dim, Some(a.network_alpha))?;
+    unet.dropout = a.network_dropout;
+    let num = |k: &str, v: &str| -> Result<f64> {
+        v.parse().map_err(|_| anyhow!("network_args: `{k}={v}`: not a number"))
+    };
+    for (k, v) in rest {
+        match k.as_str() {
+            "rank_dropout" => unet.rank_dropout = Some(num(&k, &v)?),
+            "module_dropout" => unet.module_dropout = Some(num(&k, &v)?),
+            "loraplus_lr_ratio" => unet.lora_plus.lr_ratio = Some(num(&k, &v)?),
+            "loraplus_unet_lr_ratio" => unet.lora_plus.unet_lr_ratio = Some(num(&k, &v)?),
+            "loraplus_text_encoder_lr_ratio" => {
+                unet.lora_plus.text_encoder_lr_ratio = Some(num(&k, &v)?);
+            }
+            _ => bail!(
+                "network_args: `{k}` is not a FLUX.1 LoRA argument (kohya's lora_flux takes \
+                 train_blocks, train_double_block_indices, train_single_block_indices, \
+                 split_qkv, train_t5xxl, in_dims, img_attn_dim .. single_mod_dim, \
+                 rank_dropout, module_dropout, loraplus_*)"
+            ),
+        }
+    }
+    let te = |part: ModelPart| -> Result<LoraConfig> {
+        let mut c = LoraConfig::new(a.network_dim, flux_text_encoder_targets(part)?);
+        c.alpha = unet.alpha;
+        c.dropout = unet.dropout;
+        c.rank_dropout = unet.rank_dropout;
+        c.module_dropout = unet.module_dropout;
+        c.lora_plus = unet.lora_plus;
+        Ok(c)
+    };
+    let train_te = !a.network_train_unet_only;
+    let clip = train_te.then(|| te(ModelPart::Te1)).transpose()?;
+    let t5 = (train_te && targets.train_t5xxl).then(|| te(ModelPart::Te3)).transpose()?;
+    let unet = (!a.network_train_text_encoder_only).then_some(unet);
+    Ok((unet, clip, t5))
+}
+
+/// The float8 base of `part` under kohya's `fp8_base` (transformer and T5) / `fp8_base_unet`
+/// (transformer only); CLIP-L stays unquantized as in kohya.
+///
+/// # Errors
+/// Never for these fixed configs (kept fallible as [`QuantConfig::build`]).
+pub fn fp8_base(a: &TrainArgs, part: ModelPart) -> Result<Option<QuantBase>> {
+    let on = match part {
+        ModelPart::Unet => a.fp8_base || a.fp8_base_unet,
+        ModelPart::Te3 => a.fp8_base && !a.fp8_base_unet,
+        _ => false,
+    };
+    Ok(on
+        .then(|| QuantConfig::new(QuantFormat::Fp8E4m3fn).with_parts([part]).build())
+        .transpose()?)
+}
+
+/// The injectors of a FLUX run (`None`: that part is not trained) and the float8 bases of the
+/// transformer and T5 (`None`: unquantized).
+#[derive(Debug)]
+pub struct Injectors<'a> {
+    /// Transformer (`lora_unet_`).
+    pub transformer: Option<Injector<'a>>,
+    /// CLIP-L (`lora_te1_`).
+    pub clip: Option<Injector<'a>>,
+    /// T5 (`lora_te3_`).
+    pub t5: Option<Injector<'a>>,
+    /// The transformer's float8 base.
+    pub transformer_quant: Option<QuantBase>,
+    /// T5's float8 base.
+    pub t5_quant: Option<QuantBase>,
+}
+
+impl<'a> Injectors<'a> {
+    /// Injectors under `root` for the given configs, over the float8 bases `fp8_base` /
+    /// `fp8_base_unet` ask for.
+    ///
+    /// # Errors
+    /// Invalid LoRA configs.
+    pub fn new(
+        root: &tch::nn::Path<'a>,
+        transformer: Option<&LoraConfig>,
+        clip: Option<&LoraConfig>,
+        t5: Option<&LoraConfig>,
+        a: &TrainArgs,
+    ) -> Result<Self> {
+        let mk = |c: Option<&LoraConfig>, part| -> Result<Option<Injector<'a>>> {
+            Ok(c.map(|c| Injector::new(root.clone(), part, c)).transpose()?)
+        };
+        Self::assemble(
+            mk(transformer, ModelPart::Unet)?,
+            mk(clip, ModelPart::Te1)?,
+            mk(t5, ModelPart::Te3)?,
+            a,
+        )
+    }
+
+    /// Puts built injectors together, over the float8 bases `fp8_base` / `fp8_base_unet` ask
+    /// for (a LoRA file's own injectors, `Injector::from_modules`, go through here too).
+    ///
+    /// # Errors
+    /// As [`fp8_base`].
+    pub fn assemble(
+        transformer: Option<Injector<'a>>,
+        clip: Option<Injector<'a>>,
+        t5: Option<Injector<'a>>,
+        a: &TrainArgs,
+    ) -> Result<Self> {
+        let (tq, t5q) = (fp8_base(a, ModelPart::Unet)?, fp8_base(a, ModelPart::Te3)?);
+        let over = |i: Option<Injector<'a>>, q: &Option<QuantBase>| match (i, q) {
+            (Some(i), Some(q)) => Some(i.with_quantized_base(q)),
+            (i, _) => i,
+        };
+        Ok(Self {
+            transformer: over(transformer, &tq),
+            clip,
+            t5: over(t5, &t5q),
+            transformer_quant: tq,
+            t5_quant: t5q,
+        })
+    }
+
+    /// The injectors present, transformer first.
+    pub fn all(&self) -> Vec<&Injector<'a>> {
+        self.transformer.iter().chain(self.clip.iter()).chain(self.t5.iter()).collect()
+    }
+
+    /// The text encoders' injectors.
+    pub fn text_encoders(&self) -> Vec<&Injector<'a>> {
+        self.clip.iter().chain(self.t5.iter()).collect()
+    }
+
+    /// The layer factory of a part: its injector, else its quantizing plain factory, else
+    /// plain layers.
+    fn factory<'s>(
+        i: &'s Option<Injector<'a>>,
+        q: &Option<QuantBase>,
+        part: ModelPart,
+    ) -> Box<dyn LayerFactory + 's> {
+        match (i, q) {
+            (Some(i), _) => Box::new(InjectorRef(i)),
+            (None, Some(q)) => Box::new(QuantLayers::new(q, part)),
+            (None, None) => Box::new(PlainLayers),
+        }
+    }
+}
+
+/// A borrowed injector as a boxed factory.
+#[derive(Debug)]
+struct InjectorRef<'s, 'a>(&'s Injector<'a>);
+
+impl LayerFactory for InjectorRef<'_, '_> {
+    fn linear(
+        &self,
+        vs: tch::nn::Path<'_>,
+        i: i64,
+        o: i64,
+        cfg: tch::nn::LinearConfig,
+    ) -> lora_core::Result<lora_core::Layer> {
+        self.0.linear(vs, i, o, cfg)
+    }
+
+    fn conv2d(
+        &self,
+        vs: tch::nn::Path<'_>,
+        i: i64,
+        o: i64,
+        k: i64,
+        cfg: tch::nn::ConvConfig,
+    ) -> lora_core::Result<lora_core::Layer> {
+        self.0.conv2d(vs, i, o, k, cfg)
+    }
+}
+
+/// Builds the FLUX pipeline with the injectors' factories: weights loaded (or kept random and
+/// saved for the demo), the base in the mixed-precision dtype, the autoencoder in f32 under
+/// `no_half_vae`. Returns the pipeline and its stores (keep them alive).
+///
+/// # Errors
+/// Architecture errors, weights that do not match the model, I/O errors.
+pub fn build(
+    w: Weights,
+    inj: &Injectors<'_>,
+    a: &TrainArgs,
+    device: Device,
+) -> Result<(Flux, Vec<VarStore>)> {
+    let dtype = base_dtype(a.mixed_precision);
+    let vae_dtype = if a.no_half_vae { Kind::Float } else { dtype };
+    // The stores take the base dtype before the parts are built, so the weights are created
+    // (and loaded) in it: a full-size FLUX.1 never exists in f32.
+    let mut stores: Vec<VarStore> = (0..4).map(|_| VarStore::new(device)).collect();
+    for (i, vs) in stores.iter_mut().enumerate() {
+        let kind = if i == 1 { vae_dtype } else { dtype };
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
+    }
+    let tf = Injectors::factory(&inj.transformer, &inj.transformer_quant, ModelPart::Unet);
+    let mut transformer =
+        lora_models::FluxTransformer::new(stores[0].root(), tf.as_ref(), &w.transformer.0)?;
+    let vae = AutoencoderKL::new(stores[1].root(), &w.vae.0, &PlainLayers)?;
+    let cf = Injectors::factory(&inj.clip, &None, ModelPart::Te1);
+    let clip_l = ClipTextModel::new(stores[2].root(), &w.clip.0, cf.as_ref())?;
+    let t5f = Injectors::factory(&inj.t5, &inj.t5_quant, ModelPart::Te3);
+    let t5 = T5EncoderModel::new(stores[3].root(), &w.t5.0, t5f.as_ref())?;
+    let parts = [
+        ("transformer", &w.transformer.1, inj.transformer_quant.as_ref()),
+        ("vae", &w.vae.1, None),
+        ("text_encoder", &w.clip.1, None),
+        ("text_encoder_2", &w.t5.1, inj.t5_quant.as_ref()),
+    ];
+    for (i, ((name, sd, q), vs)) in parts.into_iter().zip(&stores).enumerate() {
+        match (&w.transformer_file, i) {
+            (Some(file), 0) => {
+                if let Some(q) = q {
+                    q.finish()?;
+                }
+                StateDict::stream_into(file, vs, q.map(QuantBase::store)).with_context(|| {
+                    format!("streaming the transformer from {}", file.display())
+                })?;
+            }
+            _ => load_or_save_quant(name, vs, q, sd.as_ref(), w.demo_dir.as_deref())?,
+        }
+    }
+    for vs in &mut stores {
+        vs.freeze();
+    }
+    if a.gradient_checkpointing {
+        transformer.set_gradient_checkpointing(Checkpointing::On);
+    }
+    let dev = w.transformer.0.guidance_embed;
+    let flux = Flux {
+        transformer,
+        clip_l,
+        t5,
+        vae,
+        clip_tokenizer: ClipTokenizer::openai(),
+        t5_tokenizer: w.t5_tokenizer,
+        t5_max_length: a.t5xxl_max_token_length.unwrap_or(if dev {
+            T5_MAX_LENGTH_DEV
+        } else {
+            T5_MAX_LENGTH_SCHNELL
+        }),
+        guidance_scale: a.guidance_scale.unwrap_or(1.0),
+        train_text_encoder: inj.clip.is_some() || inj.t5.is_some(),
+        device,
+        dtype,
+        vae_dtype,
+    };
+    Ok((flux, stores))
+}
+
+/// FLUX.1: `[t5_hidden, pooled]` of the pair, plus the guidance embedding's value (`--g`,
+/// default 3.5 as kohya's FLUX samples) as a `[2]` tensor; the flow Euler sampler, shifted
+/// by the image size for dev, unshifted for schnell (BFL's `get_schedule`).
+impl SamplingModel for Flux {
+    fn guidance_cond(&self, p: &SamplePrompt) -> lora_core::Result<Vec<Tensor>> {
+        let (t5, pooled) = self.encode_prompts(&[p.negative.clone(), p.prompt.clone()], false)?;
+        let g = Tensor::full([2], p.guidance.unwrap_or(3.5), (Kind::Float, self.device));
+        Ok(vec![t5, pooled, g])
+    }
+
+    fn latent_channels(&self) -> i64 {
+        16
+    }
+
+    fn own_sampler(&self, p: &SamplePrompt) -> Option<lora_core::Result<Box<dyn Sampler>>> {
+        let dev = self.transformer.config().guidance_embed;
+        let seq = (p.height / 16) * (p.width / 16);
+        Some(FlowEulerSampler::new(p.steps, dev.then_some(seq)).map(|s| Box::new(s) as _))
+    }
+
+    fn denoise(&self, x: &Tensor, t: &Tensor, cond: &[Tensor]) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        self.transformer_forward_guided(x, t, &cond[0], &cond[1], Some(&cond[2]), false)
+            .expect("FLUX sample latents have even sizes (prompt sizes are multiples of 16)")
+    }
+
+    fn decode(&self, latents: &Tensor) -> Tensor {
+        self.decode_latents(latents)
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+}

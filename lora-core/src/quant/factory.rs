@@ -1,0 +1,69 @@
+//! `QuantLayers`: the plain [`LayerFactory`] with a quantized frozen base.
+
+use tch::nn;
+
+use super::config::QuantBase;
+use super::layer::QuantLinear;
+use crate::factory::{Layer, LayerFactory};
+use crate::{Error, ModelPart, Result};
+
+/// Builds a model part without adapters, its selected Linears over a quantized base
+/// ([`QuantLinear`]); other Linears and every Conv2d are plain tch layers (as
+/// [`PlainLayers`](crate::PlainLayers)).
+///
+/// For adapted models use [`Injector::with_quantized_base`](crate::Injector::with_quantized_base),
+/// which does the same for the modules it does not adapt.
+#[derive(Debug, Clone)]
+pub struct QuantLayers {
+    quant: QuantBase,
+    part: ModelPart,
+    base_prefix: Vec<String>,
+}
+
+impl QuantLayers {
+    /// A factory for `part`, creating its quantized weights in `quant`'s store.
+    pub fn new(quant: &QuantBase, part: ModelPart) -> Self {
+        QuantLayers { quant: quant.clone(), part, base_prefix: Vec::new() }
+    }
+
+    /// Strips `prefix` (dotted) from every base path to get the module paths patterns match,
+    /// as [`Injector::with_base_prefix`](crate::Injector::with_base_prefix).
+    #[must_use]
+    pub fn with_base_prefix(mut self, prefix: &str) -> Self {
+        self.base_prefix = prefix.split('.').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        self
+    }
+
+    fn module_path(&self, vs: &nn::Path<'_>) -> Result<String> {
+        let comps: Vec<&str> = vs.components().collect();
+        let n = self.base_prefix.len();
+        if comps.len() <= n || comps[..n].iter().zip(&self.base_prefix).any(|(a, b)| a != b) {
+            return Err(Error::Config {
+                key: comps.join("."),
+                reason: format!("layer is outside the part root `{}`", self.base_prefix.join(".")),
+            });
+        }
+        Ok(comps[n..].join("."))
+    }
+}
+
+impl LayerFactory for QuantLayers {
+    fn linear(&self, vs: nn::Path<'_>, i: i64, o: i64, cfg: nn::LinearConfig) -> Result<Layer> {
+        if !self.quant.selects(self.part, &self.module_path(&vs)?) {
+            return Ok(Box::new(nn::linear(vs, i, o, cfg)));
+        }
+        let (weight, bias) = self.quant.make_linear(&vs, i, o, &cfg)?;
+        Ok(Box::new(QuantLinear { weight, bias }))
+    }
+
+    fn conv2d(
+        &self,
+        vs: nn::Path<'_>,
+        i: i64,
+        o: i64,
+        k: i64,
+        cfg: nn::ConvConfig,
+    ) -> Result<Layer> {
+        Ok(Box::new(nn::conv2d(vs, i, o, k, cfg)))
+    }
+}

@@ -1,0 +1,221 @@
+//! [`Flux`]: the FLUX.1 transformer, CLIP-L, T5-XXL, the 16-channel autoencoder and both
+//! tokenizers, as the training step's `Denoiser` over lora-data batches (kohya's
+//! `flux_train_network.py`).
+
+use lora_core::io::{BaseModel, KohyaMetadata};
+use lora_core::train::{Denoiser, Encoded};
+use lora_data::Batch;
+use tch::{Device, Kind, Tensor};
+
+use crate::{
+    flux_img_ids, flux_txt_ids, pack_latents, unpack_latents, AutoencoderKL, ClipTextModel,
+    ClipTokenizer, Error, FluxTransformer, Result, T5EncoderModel, T5Tokenizer,
+};
+
+/// A FLUX.1 model for training.
+///
+/// Conditioning, as kohya (`strategy_flux.py`) and diffusers' `FluxPipeline`: T5's last hidden
+/// state over `t5_max_length` tokens (512 for dev, 256 for schnell; padded), CLIP-L's pooled
+/// output (`pooler_output`, the end-of-text state after the final LayerNorm, over 77 tokens),
+/// text position ids all zero. [`Denoiser::encode`] returns `cond = [t5_hidden, pooled]`.
+///
+/// The denoiser is fed packed 2x2 latent patches `[b, h/2 · w/2, 64]` with their `(0, row,
+/// col)` position ids, `timesteps / 1000` (flow-matching σ) and, for guidance-distilled
+/// models (dev), `guidance` broadcast to the batch; its output is unpacked back to `[b, 16, h,
+/// w]` for the loss.
+///
+/// The frozen parts run under `no_grad`. The transformer and T5 may run in bf16 (`dtype`); the
+/// autoencoder in `vae_dtype`.
+#[derive(Debug)]
+pub struct Flux {
+    /// The denoiser (BFL's module names; kohya's `lora_unet_` prefix).
+    pub transformer: FluxTransformer,
+    /// CLIP ViT-L (kohya's `lora_te1_`).
+    pub clip_l: ClipTextModel,
+    /// T5-XXL encoder (kohya's `lora_te3_`).
+    pub t5: T5EncoderModel,
+    /// The 16-channel autoencoder (scale 0.3611, shift 0.1159).
+    pub vae: AutoencoderKL,
+    /// CLIP-L's tokenizer (77 tokens, padded with EOS).
+    pub clip_tokenizer: ClipTokenizer,
+    /// T5's SentencePiece tokenizer.
+    pub t5_tokenizer: T5Tokenizer,
+    /// T5 sequence length (kohya's `t5xxl_max_token_length`: 512 for dev, 256 for schnell).
+    pub t5_max_length: usize,
+    /// The value fed to the guidance embedding (kohya's `guidance_scale`); ignored by models
+    /// without one (schnell).
+    pub guidance_scale: f64,
+    /// Keep CLIP-L's graph (it carries adapters to train).
+    pub train_text_encoder: bool,
+    /// Where the model lives.
+    pub device: Device,
+    /// The dtype of the frozen transformer / text encoders (inputs are cast to it).
+    pub dtype: Kind,
+    /// The dtype the autoencoder runs in.
+    pub vae_dtype: Kind,
+}
+
+impl Flux {
+    /// kohya's metadata for a LoRA of this model (`flux1`, `flux-1-dev/lora` or
+    /// `flux-1-schnell/lora`) with the guidance scale used.
+    pub fn kohya_metadata(&self, title: impl Into<String>) -> KohyaMetadata {
+        let schnell = !self.transformer.config().guidance_embed;
+        let mut meta = KohyaMetadata::new(
+            if schnell { BaseModel::FluxSchnell } else { BaseModel::FluxDev },
+            title,
+        );
+        meta.training.insert("ss_guidance_scale".into(), self.guidance_scale.to_string());
+        meta.training.insert("ss_apply_t5_attn_mask".into(), "False".into());
+        meta
+    }
+
+    /// Text conditioning `(t5_hidden, pooled)`.
+    ///
+    /// # Shapes
+    /// `prompts.len() = b` → `t5_hidden: [b, t5_max_length, d_t5]` (base dtype),
+    /// `pooled: [b, 768]`.
+    ///
+    /// # Errors
+    /// Tokenizer or text-encoder errors.
+    pub fn encode_prompts(&self, prompts: &[String], train: bool) -> Result<(Tensor, Tensor)> {
+        let b = prompts.len() as i64;
+        let clip_grad = train && self.train_text_encoder;
+        let pooled = {
+            let _guard = (!clip_grad).then(tch::no_grad_guard);
+            let ids: Vec<i64> =
+                prompts.iter().flat_map(|p| self.clip_tokenizer.tokenize(p, 77)).collect();
+            let ids = Tensor::from_slice(&ids).view([b, 77]).to(self.device);
+            self.clip_l.forward_hidden_states(&ids, clip_grad)?.pooled
+        };
+        let _guard = tch::no_grad_guard();
+        let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let tokens = self.t5_tokenizer.tokenize(&texts, self.t5_max_length);
+        let hidden = self.t5.forward(&tokens.input_ids.to(self.device), None, false)?;
+        Ok((hidden.to_kind(self.dtype), pooled.to_kind(self.dtype)))
+    }
+
+    /// Shifted and scaled latents `(z − shift) · scale` of images in [-1, 1] (a sample of the
+    /// autoencoder's distribution), in f32.
+    ///
+    /// # Shapes
+    /// `[b, 3, h, w]` → `[b, 16, h/8, w/8]`.
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] when the latents are not finite.
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let x = pixels.to_device(self.device).to_kind(self.vae_dtype);
+        let z = self.vae.encode(&x).sample();
+        let z = ((z - self.vae.shift_factor()) * self.vae.scaling_factor()).to_kind(Kind::Float);
+        if !bool::try_from(z.isfinite().all()).unwrap_or(false) {
+            return Err(Error::Tensor {
+                name: "vae latents".into(),
+                reason: format!("not finite with the autoencoder in {:?}", self.vae_dtype),
+            });
+        }
+        Ok(z)
+    }
+
+    /// Images in [-1, 1] from shifted and scaled latents, in f32.
+    ///
+    /// # Shapes
+    /// `[b, 16, h, w]` → `[b, 3, 8h, 8w]`.
+    pub fn decode_latents(&self, latents: &Tensor) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let z = latents / self.vae.scaling_factor() + self.vae.shift_factor();
+        self.vae.decode(&z.to_kind(self.vae_dtype)).to_kind(Kind::Float)
+    }
+
+    /// The transformer's output (the flow velocity, f32) for unpacked `noisy` latents at
+    /// flow-matching `timesteps` (σ · 1000) under `(t5_hidden, pooled)`.
+    ///
+    /// # Shapes
+    /// `noisy: [b, 16, h, w]` (`h`, `w` even), `timesteps: [b]`, `t5_hidden: [b, n, d_t5]`,
+    /// `pooled: [b, 768]` → `[b, 16, h, w]`.
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] for latents that are not 4-D or have odd sizes.
+    pub fn transformer_forward(
+        &self,
+        noisy: &Tensor,
+        timesteps: &Tensor,
+        t5_hidden: &Tensor,
+        pooled: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.transformer_forward_guided(noisy, timesteps, t5_hidden, pooled, None, train)
+    }
+
+    /// [`Flux::transformer_forward`] with the guidance embedding's input given per sample
+    /// (`None`: [`Flux::guidance_scale`] for every sample); ignored by models without one.
+    ///
+    /// # Shapes
+    /// As [`Flux::transformer_forward`]; `guidance: [b]`.
+    ///
+    /// # Errors
+    /// As [`Flux::transformer_forward`].
+    pub fn transformer_forward_guided(
+        &self,
+        noisy: &Tensor,
+        timesteps: &Tensor,
+        t5_hidden: &Tensor,
+        pooled: &Tensor,
+        guidance: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let img = pack_latents(&noisy.to_kind(self.dtype))?;
+        let size = noisy.size();
+        let (b, h, w) = (size[0], size[2], size[3]);
+        let ids = flux_img_ids(h, w, self.device);
+        let t_ids = flux_txt_ids(t5_hidden.size()[1], self.device);
+        let t = (timesteps.to_kind(Kind::Float) / 1000.0).to_device(self.device);
+        let guidance = self.transformer.config().guidance_embed.then(|| match guidance {
+            Some(g) => g.to_kind(Kind::Float).to_device(self.device),
+            None => Tensor::full([b], self.guidance_scale, (Kind::Float, self.device)),
+        });
+        let out = self.transformer.forward(
+            &img,
+            &ids,
+            &t5_hidden.to_kind(self.dtype),
+            &t_ids,
+            &t,
+            &pooled.to_kind(self.dtype),
+            guidance.as_ref(),
+            train,
+        );
+        Ok(unpack_latents(&out, h, w)?.to_kind(Kind::Float))
+    }
+}
+
+impl Denoiser for Flux {
+    type Batch = Batch;
+
+    fn encode(&self, batch: &Batch, train: bool) -> Result<Encoded> {
+        let latents = self.encode_images(&batch.pixels)?;
+        let (t5_hidden, pooled) = self.encode_prompts(&batch.captions, train)?;
+        let loss_weights = batch
+            .loss_weights
+            .iter()
+            .any(|&w| w != 1.0)
+            .then(|| Tensor::from_slice(&batch.loss_weights).to(self.device));
+        let masks = batch.masks.as_ref().map(|m| m.to(self.device));
+        Ok(Encoded { latents, cond: vec![t5_hidden, pooled], loss_weights, masks })
+    }
+
+    fn predict(
+        &self,
+        noisy: &Tensor,
+        timesteps: &Tensor,
+        enc: &Encoded,
+        train: bool,
+    ) -> Result<Tensor> {
+        let [t5_hidden, pooled] = &enc.cond[..] else {
+            return Err(Error::Shape {
+                name: "Encoded::cond (FLUX expects [t5_hidden, pooled])".into(),
+                expected: vec![2],
+                actual: vec![enc.cond.len() as i64],
+            });
+        };
+        self.transformer_forward(noisy, timesteps, t5_hidden, pooled, train)
+    }
+}
