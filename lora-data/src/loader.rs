@@ -80,11 +80,15 @@ pub struct LoaderConfig {
     pub first_step: u64,
     /// Total training steps (fractional `token_warmup_step`).
     pub max_train_steps: u64,
+    /// Batches per global step (`gradient_accumulation_steps`, at least 1): batch `i` of the
+    /// epoch is at step `first_step + i / batches_per_step`. kohya's step is the number of
+    /// optimizer updates, the same for every micro-batch of an accumulation cycle.
+    pub batches_per_step: u64,
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        Self { prefetch: 2, first_step: 0, max_train_steps: 0 }
+        Self { prefetch: 2, first_step: 0, max_train_steps: 0, batches_per_step: 1 }
     }
 }
 
@@ -106,7 +110,8 @@ impl Loader {
     /// Starts loading `epoch` of `group` at batch `skip` (a resumed run): the skipped batches
     /// are not loaded, and the rest are exactly the batches a full epoch would give there
     /// (every random choice depends on `(seed, epoch, batch, position)` only).
-    /// `config.first_step` is the global step of batch `skip`.
+    /// `config.first_step` is the global step of batch `skip` (a cycle boundary: checkpoints
+    /// are taken after updates, and every epoch starts a new accumulation cycle).
     #[must_use]
     pub fn epoch_from(
         group: Arc<DatasetGroup>,
@@ -136,7 +141,7 @@ impl Loader {
                 for (i, (d, p)) in plan.iter().enumerate() {
                     let step = CaptionStep {
                         epoch,
-                        step: config.first_step + i as u64,
+                        step: config.first_step + i as u64 / config.batches_per_step.max(1),
                         max_train_steps: config.max_train_steps,
                     };
                     let batch = group.datasets[*d].load_batch(p, step);

@@ -18,6 +18,7 @@ pub struct DataSource {
     prefetch: usize,
     max_train_steps: u64,
     shard: Shard,
+    batches_per_step: u64,
 }
 
 impl DataSource {
@@ -25,7 +26,16 @@ impl DataSource {
     /// fractional caption token warm-up.
     #[must_use]
     pub fn new(group: Arc<DatasetGroup>, prefetch: usize, max_train_steps: u64) -> Self {
-        Self { group, prefetch, max_train_steps, shard: Shard::WHOLE }
+        Self { group, prefetch, max_train_steps, shard: Shard::WHOLE, batches_per_step: 1 }
+    }
+
+    /// Counts caption steps (token warm-up) in optimizer updates of `n` micro-batches, as
+    /// kohya's global step: the trainer's `first_step` is an update count, and each of this
+    /// rank's batches is one micro-batch.
+    #[must_use]
+    pub fn with_gradient_accumulation(mut self, n: usize) -> Self {
+        self.batches_per_step = n.max(1) as u64;
+        self
     }
 
     /// Loads only `shard`'s batches of each epoch (one rank of a data-parallel run); the
@@ -75,6 +85,7 @@ impl BatchSource for DataSource {
             prefetch: self.prefetch,
             first_step,
             max_train_steps: self.max_train_steps,
+            batches_per_step: self.batches_per_step,
         };
         let loader = Loader::epoch_shard(Arc::clone(&self.group), epoch, skip, self.shard, config);
         Box::new(loader.map(|b| b.map_err(into_core)))

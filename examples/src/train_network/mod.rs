@@ -155,7 +155,9 @@ pub fn run(cli: &RunOptions) -> Result<RunSummary> {
     let shard = distributed::shard(dist.as_ref());
     let batches_per_epoch = shard.batches(group.batches_per_epoch());
     let total = cfg.train.total_steps(batches_per_epoch);
-    let source = DataSource::new(Arc::new(group), 2, total).with_shard(shard);
+    let source = DataSource::new(Arc::new(group), 2, total)
+        .with_shard(shard)
+        .with_gradient_accumulation(cfg.train.gradient_accumulation_steps);
     let data = Data { source, batches_per_epoch, total, dist };
 
     // Model with adapters.
