@@ -348,3 +348,37 @@ fn hostile_files() {
     // Missing file.
     assert!(matches!(AdapterFile::read(d.join("nope.safetensors")), Err(Error::Io { .. })));
 }
+
+/// A FLUX.1 transformer's modules (BFL names, fused qkv) are refused by the PEFT writer, whose
+/// layout diffusers would silently ignore for them, with the module and the converter named.
+#[test]
+fn peft_save_refuses_flux_module_names() {
+    use lora_core::LayerFactory;
+    let (base, ad) =
+        (tch::nn::VarStore::new(tch::Device::Cpu), tch::nn::VarStore::new(tch::Device::Cpu));
+    let cfg = lora_core::LoraConfig::new(
+        2,
+        vec![lora_core::Pattern::Exact("double_blocks.0.img_attn.qkv".into())],
+    );
+    let inj = Injector::new(ad.root(), ModelPart::Unet, &cfg).unwrap();
+    let root = base.root();
+    let _layer = inj
+        .linear(&root / "double_blocks" / 0 / "img_attn" / "qkv", 8, 24, Default::default())
+        .unwrap();
+    inj.finish().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.safetensors");
+    let msg = save_peft(&path, &[&inj], None).unwrap_err().to_string();
+    assert!(msg.contains("double_blocks.0.img_attn.qkv"), "{msg}");
+    assert!(msg.contains("convert_flux_lora_file"), "{msg}");
+    assert!(!path.exists(), "nothing written");
+    // The kohya writer takes them (kohya's FLUX names).
+    let kpath = dir.path().join("k.safetensors");
+    save_kohya(&kpath, &[&inj], None, None, &KohyaMetadata::new(BaseModel::FluxDev, "f")).unwrap();
+    let file = AdapterFile::read(&kpath).unwrap();
+    assert!(
+        file.modules.contains_key("lora_unet_double_blocks_0_img_attn_qkv"),
+        "{:?}",
+        file.modules.keys()
+    );
+}

@@ -125,9 +125,14 @@ pub(super) fn group(
 /// `multiplier`-free `alpha / rank` folded into `lora_B`, so any PEFT loader (lora_alpha =
 /// r) reproduces the outputs. Atomic write.
 ///
+/// FLUX.1 models use BFL's module names (fused `img_attn.qkv`, `linear1`), which diffusers'
+/// FLUX layout splits and renames: writing them here would give a file diffusers silently
+/// ignores, so they are refused; write the kohya file and convert it with
+/// `lora_models::convert_flux_lora_file`.
+///
 /// # Errors
 /// [`Error::Io`] / [`Error::File`] on write failure; [`Error::DuplicatePath`] when two
-/// injectors share a PEFT prefix and a path.
+/// injectors share a PEFT prefix and a path; [`Error::Config`] for FLUX.1 module paths.
 pub fn save_peft(
     path: impl AsRef<Path>,
     injectors: &[&Injector<'_>],
@@ -140,6 +145,19 @@ pub fn save_peft(
         inj.with_entries(|entries| {
             for e in entries {
                 let b = &e.branch;
+                if inj.part() == crate::ModelPart::Unet
+                    && ["double_blocks.", "single_blocks."]
+                        .iter()
+                        .any(|p| e.info.path.starts_with(p))
+                {
+                    return Err(Error::Config {
+                        key: e.info.path.clone(),
+                        reason: "a FLUX.1 module (BFL name): diffusers' PEFT layout splits and \
+                                 renames it; save the kohya file and convert it with \
+                                 lora_models::convert_flux_lora_file"
+                            .into(),
+                    });
+                }
                 let name = format!("{}.{}", inj.part().peft_prefix(), e.info.path);
                 if !seen.insert(name.clone()) {
                     return Err(Error::DuplicatePath { path: name });
