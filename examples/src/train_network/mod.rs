@@ -3,8 +3,10 @@
 //!
 //! The config is kohya's `--config_file` TOML with kohya's argument names ([`args`]); the
 //! dataset is kohya's dataset TOML (`dataset_config`). `model_family` picks SD 1.x (`sd15`,
-//! kohya's `train_network.py`) or SDXL (`sdxl`, kohya's `sdxl_train_network.py`); the training
-//! loop, reporting and sampling are shared ([`pipeline::SamplingModel`]). Without
+//! kohya's `train_network.py`), SDXL (`sdxl`, kohya's `sdxl_train_network.py`) or FLUX.1
+//! (`flux`, kohya's `flux_train_network.py`); the training loop, reporting and sampling are
+//! shared ([`pipeline::SamplingModel`]). Under torchrun it trains data-parallel
+//! ([`distributed`]). Without
 //! `pretrained_model_name_or_path` it trains the family's tiny random demo model (`make demo`). Writes
 //! `<output_dir>/<output_name>.safetensors` (kohya format), `checkpoints/`, `metrics.jsonl`,
 //! `loss.png` and `sample/*.png`.
