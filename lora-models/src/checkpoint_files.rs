@@ -35,17 +35,7 @@ impl DiffusersFolder {
 
     /// The weights file of `sub`: `<stem>.safetensors`, else the `fp16` variant.
     fn weights(&self, sub: &str, stem: &str) -> Result<PathBuf> {
-        let dir = self.root.join(sub);
-        for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
-            let path = dir.join(&name);
-            if path.is_file() {
-                return Ok(path);
-            }
-        }
-        Err(Error::File {
-            path: dir,
-            reason: format!("no `{stem}.safetensors` (or `.fp16` variant); sharded and .bin weights are not supported"),
-        })
+        weights_in(&self.root.join(sub), stem)
     }
 
     /// `unet/config.json` and the U-Net weights.
@@ -62,8 +52,17 @@ impl DiffusersFolder {
     /// # Errors
     /// As [`VaeConfig::from_diffusers_json`] and [`StateDict::read`].
     pub fn vae(&self) -> Result<(VaeConfig, StateDict)> {
-        let cfg = VaeConfig::from_diffusers_json(self.root.join("vae/config.json"))?;
-        Ok((cfg, StateDict::read(self.weights("vae", "diffusion_pytorch_model")?)?))
+        Self::vae_dir(&self.root.join("vae"))
+    }
+
+    /// A VAE folder on its own (`config.json` and `diffusion_pytorch_model.safetensors`), such
+    /// as a `vae/` given apart from its model (kohya's FLUX `ae`).
+    ///
+    /// # Errors
+    /// As [`VaeConfig::from_diffusers_json`] and [`StateDict::read`].
+    pub fn vae_dir(dir: &Path) -> Result<(VaeConfig, StateDict)> {
+        let cfg = VaeConfig::from_diffusers_json(dir.join("config.json"))?;
+        Ok((cfg, StateDict::read(weights_in(dir, "diffusion_pytorch_model")?)?))
     }
 
     /// `text_encoder/config.json` and the CLIP weights, keys normalised to `text_model.*`
@@ -72,14 +71,36 @@ impl DiffusersFolder {
     /// # Errors
     /// As [`ClipTextConfig::from_transformers_json`] and [`StateDict::read`].
     pub fn text_encoder(&self) -> Result<(ClipTextConfig, StateDict)> {
-        let cfg =
-            ClipTextConfig::from_transformers_json(self.root.join("text_encoder/config.json"))?;
-        let sd = StateDict::read(self.weights("text_encoder", "model")?)?;
+        Self::text_encoder_dir(&self.root.join("text_encoder"))
+    }
+
+    /// A CLIP text-encoder folder on its own (`config.json` and `model.safetensors`), such as
+    /// kohya's FLUX `clip_l` given as a folder; keys as [`DiffusersFolder::text_encoder`].
+    ///
+    /// # Errors
+    /// As [`DiffusersFolder::text_encoder`].
+    pub fn text_encoder_dir(dir: &Path) -> Result<(ClipTextConfig, StateDict)> {
+        let cfg = ClipTextConfig::from_transformers_json(dir.join("config.json"))?;
+        let sd = StateDict::read(weights_in(dir, "model")?)?;
         let path = sd.path().to_path_buf();
         let tensors =
             sd.into_tensors().into_iter().filter_map(|(k, t)| clip_key(&k).map(|k| (k, t)));
         Ok((cfg, StateDict::from_tensors(path, tensors)))
     }
+}
+
+/// The weights file in `dir`: `<stem>.safetensors`, else the `fp16` variant.
+fn weights_in(dir: &Path, stem: &str) -> Result<PathBuf> {
+    for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+        let path = dir.join(&name);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    Err(Error::File {
+        path: dir.to_path_buf(),
+        reason: format!("no `{stem}.safetensors` (or `.fp16` variant); sharded and .bin weights are not supported"),
+    })
 }
 
 impl DiffusersFolder {

@@ -193,13 +193,7 @@ impl Denoiser for Flux {
     fn encode(&self, batch: &Batch, train: bool) -> Result<Encoded> {
         let latents = self.encode_images(&batch.pixels)?;
         let (t5_hidden, pooled) = self.encode_prompts(&batch.captions, train)?;
-        let loss_weights = batch
-            .loss_weights
-            .iter()
-            .any(|&w| w != 1.0)
-            .then(|| Tensor::from_slice(&batch.loss_weights).to(self.device));
-        let masks = batch.masks.as_ref().map(|m| m.to(self.device));
-        Ok(Encoded { latents, cond: vec![t5_hidden, pooled], loss_weights, masks })
+        Ok(crate::util::encoded(batch, latents, vec![t5_hidden, pooled], self.device))
     }
 
     fn predict(

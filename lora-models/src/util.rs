@@ -21,3 +21,21 @@ pub(crate) fn dims3(xs: &Tensor, module: &str) -> (i64, i64, i64) {
         ref other => panic!("{module}: expected a [b, seq, c] input, got {other:?}"),
     }
 }
+
+/// The trainer's [`Encoded`](lora_core::train::Encoded) of a lora-data batch: `latents` and
+/// `cond` from the model, plus the batch's per-sample loss weights (only when one differs from
+/// 1) and loss masks, on `device`. Shared by every pipeline's `Denoiser::encode`.
+pub(crate) fn encoded(
+    batch: &lora_data::Batch,
+    latents: tch::Tensor,
+    cond: Vec<tch::Tensor>,
+    device: tch::Device,
+) -> lora_core::train::Encoded {
+    let loss_weights = batch
+        .loss_weights
+        .iter()
+        .any(|&w| w != 1.0)
+        .then(|| tch::Tensor::from_slice(&batch.loss_weights).to(device));
+    let masks = batch.masks.as_ref().map(|m| m.to(device));
+    lora_core::train::Encoded { latents, cond, loss_weights, masks }
+}

@@ -72,19 +72,8 @@ impl StateDict {
     /// [`Error::Io`] / [`Error::File`] for an unreadable or malformed header.
     pub fn read_shapes(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let io = |source| Error::Io { path: path.to_path_buf(), source };
         let bad = |reason: String| Error::File { path: path.to_path_buf(), reason };
-        let mut file = std::fs::File::open(path).map_err(io)?;
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n).map_err(|e| bad(format!("not safetensors: {e}")))?;
-        let n = u64::from_le_bytes(n);
-        if n > 100_000_000 {
-            return Err(bad(format!("not safetensors: header length {n}")));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).map_err(io)?;
-        let meta: Metadata =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("not safetensors: {e}")))?;
+        let (_, meta, _) = read_header(path)?;
         let mut tensors = BTreeMap::new();
         for (key, info) in meta.tensors() {
             let kind = kind_of(info.dtype).ok_or_else(|| {
@@ -192,20 +181,8 @@ impl StateDict {
         let path = path.as_ref();
         let io = |source| Error::Io { path: path.to_path_buf(), source };
         let bad = |reason: String| Error::File { path: path.to_path_buf(), reason };
-        let mut file = std::fs::File::open(path).map_err(io)?;
-        let file_len = file.metadata().map_err(io)?.len();
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n).map_err(|e| bad(format!("not safetensors: {e}")))?;
-        let n = u64::from_le_bytes(n);
-        if n > 100_000_000 || 8 + n > file_len {
-            return Err(bad(format!("not safetensors: header length {n}")));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).map_err(io)?;
-        let meta: Metadata =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("not safetensors: {e}")))?;
-        let data_start = 8 + n;
-        let data_len = file_len - data_start;
+        let (mut file, meta, data_start) = read_header(path)?;
+        let data_len = file.metadata().map_err(io)?.len() - data_start;
 
         let vars = vs.variables();
         let slots = quant.map(QuantStore::keys).unwrap_or_default();
@@ -335,6 +312,26 @@ pub(crate) fn copy_checked<'a>(
 }
 
 /// libtorch's kind for a safetensors dtype.
+/// Opens a safetensors file and parses its header: the open file, the header, and the offset
+/// of the data section.
+fn read_header(path: &Path) -> Result<(std::fs::File, Metadata, u64)> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let bad = |reason: String| Error::File { path: path.to_path_buf(), reason };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(bad(format!("not safetensors: header length {n}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let meta: Metadata =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    Ok((file, meta, 8 + n))
+}
+
 fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::F64 => Kind::Double,

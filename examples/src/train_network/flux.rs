@@ -164,13 +164,13 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
     };
     drop(shapes);
     let (vc, vs) = if ae_p.is_dir() {
-        DiffusersFolder::new(ae_p.parent().unwrap_or(Path::new("."))).vae()?
+        DiffusersFolder::vae_dir(&ae_p)?
     } else {
         let vc = VaeConfig::flux();
         (vc.clone(), vae_from_ldm(StateDict::read(&ae_p)?, &vc)?)
     };
     let (cc, cs) = if clip_p.is_dir() {
-        DiffusersFolder::new(clip_p.parent().unwrap_or(Path::new("."))).text_encoder()?
+        DiffusersFolder::text_encoder_dir(&clip_p)?
     } else {
         (clip_l_config(), StateDict::read(&clip_p)?)
     };
@@ -315,6 +315,10 @@ pub struct Injectors<'a> {
     pub transformer_quant: Option<QuantBase>,
     /// T5's float8 base.
     pub t5_quant: Option<QuantBase>,
+    /// The transformer's factory without adapters over its float8 base.
+    transformer_plain: Option<QuantLayers>,
+    /// T5's factory without adapters over its float8 base.
+    t5_plain: Option<QuantLayers>,
 }
 
 impl<'a> Injectors<'a> {
@@ -361,6 +365,8 @@ impl<'a> Injectors<'a> {
             transformer: over(transformer, &tq),
             clip,
             t5: over(t5, &t5q),
+            transformer_plain: tq.as_ref().map(|q| QuantLayers::new(q, ModelPart::Unet)),
+            t5_plain: t5q.as_ref().map(|q| QuantLayers::new(q, ModelPart::Te3)),
             transformer_quant: tq,
             t5_quant: t5q,
         })
@@ -376,45 +382,22 @@ impl<'a> Injectors<'a> {
         self.clip.iter().chain(self.t5.iter()).collect()
     }
 
-    /// The layer factory of a part: its injector, else its quantizing plain factory, else
-    /// plain layers.
-    fn factory<'s>(
-        i: &'s Option<Injector<'a>>,
-        q: &Option<QuantBase>,
-        part: ModelPart,
-    ) -> Box<dyn LayerFactory + 's> {
-        match (i, q) {
-            (Some(i), _) => Box::new(InjectorRef(i)),
-            (None, Some(q)) => Box::new(QuantLayers::new(q, part)),
-            (None, None) => Box::new(PlainLayers),
-        }
+    /// The layer factories of (transformer, CLIP-L, T5): the injector, else the quantizing
+    /// plain factory, else plain layers.
+    fn factories(&self) -> [&dyn LayerFactory; 3] {
+        [
+            factory(&self.transformer, self.transformer_plain.as_ref()),
+            factory(&self.clip, None),
+            factory(&self.t5, self.t5_plain.as_ref()),
+        ]
     }
 }
 
-/// A borrowed injector as a boxed factory.
-#[derive(Debug)]
-struct InjectorRef<'s, 'a>(&'s Injector<'a>);
-
-impl LayerFactory for InjectorRef<'_, '_> {
-    fn linear(
-        &self,
-        vs: tch::nn::Path<'_>,
-        i: i64,
-        o: i64,
-        cfg: tch::nn::LinearConfig,
-    ) -> lora_core::Result<lora_core::Layer> {
-        self.0.linear(vs, i, o, cfg)
-    }
-
-    fn conv2d(
-        &self,
-        vs: tch::nn::Path<'_>,
-        i: i64,
-        o: i64,
-        k: i64,
-        cfg: tch::nn::ConvConfig,
-    ) -> lora_core::Result<lora_core::Layer> {
-        self.0.conv2d(vs, i, o, k, cfg)
+fn factory<'s>(i: &'s Option<Injector<'_>>, q: Option<&'s QuantLayers>) -> &'s dyn LayerFactory {
+    match (i, q) {
+        (Some(i), _) => i,
+        (None, Some(q)) => q,
+        (None, None) => &PlainLayers,
     }
 }
 
@@ -441,14 +424,12 @@ pub fn build(
             vs.set_kind(kind);
         }
     }
-    let tf = Injectors::factory(&inj.transformer, &inj.transformer_quant, ModelPart::Unet);
+    let [tf, cf, t5f] = inj.factories();
     let mut transformer =
-        lora_models::FluxTransformer::new(stores[0].root(), tf.as_ref(), &w.transformer.0)?;
+        lora_models::FluxTransformer::new(stores[0].root(), tf, &w.transformer.0)?;
     let vae = AutoencoderKL::new(stores[1].root(), &w.vae.0, &PlainLayers)?;
-    let cf = Injectors::factory(&inj.clip, &None, ModelPart::Te1);
-    let clip_l = ClipTextModel::new(stores[2].root(), &w.clip.0, cf.as_ref())?;
-    let t5f = Injectors::factory(&inj.t5, &inj.t5_quant, ModelPart::Te3);
-    let t5 = T5EncoderModel::new(stores[3].root(), &w.t5.0, t5f.as_ref())?;
+    let clip_l = ClipTextModel::new(stores[2].root(), &w.clip.0, cf)?;
+    let t5 = T5EncoderModel::new(stores[3].root(), &w.t5.0, t5f)?;
     let parts = [
         ("transformer", &w.transformer.1, inj.transformer_quant.as_ref()),
         ("vae", &w.vae.1, None),

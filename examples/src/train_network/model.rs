@@ -228,23 +228,12 @@ pub fn load_or_save(
     sd: Option<&StateDict>,
     demo_dir: Option<&Path>,
 ) -> Result<()> {
-    match sd {
-        Some(sd) => sd.load_into(vs).with_context(|| format!("loading the {name} weights"))?,
-        None => {
-            let dir = demo_dir.unwrap_or(Path::new("."));
-            std::fs::create_dir_all(dir)?;
-            let vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
-            let tmp = dir.join(format!(".{name}.safetensors.tmp"));
-            tch::Tensor::write_safetensors(&vars, &tmp)?;
-            std::fs::rename(&tmp, dir.join(format!("{name}.safetensors")))?;
-        }
-    }
-    Ok(())
+    load_or_save_quant(name, vs, None, sd, demo_dir)
 }
 
-/// [`load_or_save`] for a part with a float8 / int8 base (`quant`; `None`: plain): loads `sd`
-/// into `vs` and the slots of `quant`; without weights (the demo model) saves `vs` and the slots
-/// dequantized to f32 as `<demo_dir>/<name>.safetensors`, atomically.
+/// [`load_or_save`] for a part that may have a float8 / int8 base (`quant`; `None`: plain):
+/// loads `sd` into `vs` and the slots of `quant`; the demo model is saved with the slots
+/// dequantized to f32.
 ///
 /// # Errors
 /// Weights that do not match the model, a quantization pattern that matched nothing, I/O
@@ -256,18 +245,23 @@ pub fn load_or_save_quant(
     sd: Option<&StateDict>,
     demo_dir: Option<&Path>,
 ) -> Result<()> {
-    let Some(q) = quant else { return load_or_save(name, vs, sd, demo_dir) };
-    q.finish()?;
-    match sd {
-        Some(sd) => sd
+    if let Some(q) = quant {
+        q.finish()?;
+    }
+    match (sd, quant) {
+        (Some(sd), None) => {
+            sd.load_into(vs).with_context(|| format!("loading the {name} weights"))?;
+        }
+        (Some(sd), Some(q)) => sd
             .load_into_quantized(vs, q.store())
-            .with_context(|| format!("loading the {name} weights into the float8 base"))?,
-        None => {
+            .with_context(|| format!("loading the {name} weights into the quantized base"))?,
+        (None, _) => {
             let dir = demo_dir.unwrap_or(Path::new("."));
             std::fs::create_dir_all(dir)?;
             let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-            for key in q.store().keys() {
-                let w = q.store().get(&key).ok_or_else(|| anyhow!("{key}: no float8 slot"))?;
+            for key in quant.map(|q| q.store().keys()).unwrap_or_default() {
+                let w = quant.and_then(|q| q.store().get(&key));
+                let w = w.ok_or_else(|| anyhow!("{key}: no quantized slot"))?;
                 vars.push((key, w.dequantize(Kind::Float)));
             }
             let tmp = dir.join(format!(".{name}.safetensors.tmp"));

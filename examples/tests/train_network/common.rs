@@ -185,7 +185,16 @@ pub(crate) fn mean_loss<D: Denoiser<Batch = Batch>>(
     batches: &[Batch],
     seeds: &[i64],
 ) -> f64 {
-    let objective = LossConfig::default().build_diffusion().unwrap();
+    mean_objective(model, &LossConfig::default().build_diffusion().unwrap(), batches, seeds)
+}
+
+/// `objective` of `model` over `batches`, averaged over `seeds` (see [`mean_loss`]).
+pub(crate) fn mean_objective<D: Denoiser<Batch = Batch>, O: Objective>(
+    model: &D,
+    objective: &O,
+    batches: &[Batch],
+    seeds: &[i64],
+) -> f64 {
     let _guard = tch::no_grad_guard();
     let mut sum = 0.0;
     for &seed in seeds {
@@ -193,7 +202,7 @@ pub(crate) fn mean_loss<D: Denoiser<Batch = Batch>>(
         for batch in batches {
             let enc = model.encode(batch, false).unwrap();
             // The trainer's call (the trait's), not the inherent `DiffusionLoss::loss`.
-            let loss = Objective::loss(&objective, &enc, &mut |noisy: &Tensor, t: &Tensor| {
+            let loss = Objective::loss(objective, &enc, &mut |noisy: &Tensor, t: &Tensor| {
                 model.predict(noisy, t, &enc, false)
             })
             .unwrap();

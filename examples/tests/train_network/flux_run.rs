@@ -7,16 +7,15 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use lora_core::io::AdapterFile;
-use lora_core::train::{Denoiser, Objective};
 use lora_core::{Injector, ModelPart};
 use lora_data::Batch;
 use lora_examples::train_network::args::Config;
 use lora_examples::train_network::{flux, run, RunOptions};
 use lora_models::Flux;
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::Device;
 
-use crate::common::{epoch_batches, lock, raw_header, write_config, Setup};
+use crate::common::{epoch_batches, lock, mean_objective, raw_header, write_config, Setup};
 
 /// Loss evaluation seeds (each fixes the autoencoder sample, the noise and the sigmas).
 const SEEDS: [i64; 8] = [11, 12, 13, 14, 15, 16, 17, 18];
@@ -112,21 +111,7 @@ fn with_flux_model<R>(
 /// The config's flow-matching loss of `model` over `batches`, averaged over `seeds`; each seed
 /// fixes the autoencoder sample, the noise and the sigmas.
 fn mean_flow_loss(cfg: &Config, model: &Flux, batches: &[Batch], seeds: &[i64]) -> f64 {
-    let objective = cfg.loss.build_flow_matching().unwrap();
-    let _guard = tch::no_grad_guard();
-    let mut sum = 0.0;
-    for &seed in seeds {
-        tch::manual_seed(seed);
-        for batch in batches {
-            let enc = model.encode(batch, false).unwrap();
-            let loss = Objective::loss(&objective, &enc, &mut |noisy: &Tensor, t: &Tensor| {
-                model.predict(noisy, t, &enc, false)
-            })
-            .unwrap();
-            sum += loss.double_value(&[]);
-        }
-    }
-    sum / (seeds.len() * batches.len()) as f64
+    mean_objective(model, &cfg.loss.build_flow_matching().unwrap(), batches, seeds)
 }
 
 #[test]

@@ -100,13 +100,7 @@ impl Denoiser for StableDiffusion {
     fn encode(&self, batch: &Batch, train: bool) -> Result<Encoded> {
         let latents = self.encode_images(&batch.pixels);
         let ctx = self.encode_prompts(&batch.captions, train)?;
-        let loss_weights = batch
-            .loss_weights
-            .iter()
-            .any(|&w| w != 1.0)
-            .then(|| Tensor::from_slice(&batch.loss_weights).to(self.device));
-        let masks = batch.masks.as_ref().map(|m| m.to(self.device));
-        Ok(Encoded { latents, cond: vec![ctx], loss_weights, masks })
+        Ok(crate::util::encoded(batch, latents, vec![ctx], self.device))
     }
 
     fn predict(

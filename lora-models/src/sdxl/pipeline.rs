@@ -196,13 +196,7 @@ impl Denoiser for StableDiffusionXL {
         let latents = self.encode_images(&batch.pixels)?;
         let (ctx, pooled) = self.encode_prompts(&batch.captions, train)?;
         let y = self.unet.vector_conditioning(&pooled, &Self::time_ids(batch));
-        let loss_weights = batch
-            .loss_weights
-            .iter()
-            .any(|&w| w != 1.0)
-            .then(|| Tensor::from_slice(&batch.loss_weights).to(self.device));
-        let masks = batch.masks.as_ref().map(|m| m.to(self.device));
-        Ok(Encoded { latents, cond: vec![ctx, y], loss_weights, masks })
+        Ok(crate::util::encoded(batch, latents, vec![ctx, y], self.device))
     }
 
     fn predict(
