@@ -17,7 +17,8 @@ use crate::{
 /// Conditioning, as kohya (`strategy_flux.py`) and diffusers' `FluxPipeline`: T5's last hidden
 /// state over `t5_max_length` tokens (512 for dev, 256 for schnell; padded), CLIP-L's pooled
 /// output (`pooler_output`, the end-of-text state after the final LayerNorm, over 77 tokens),
-/// text position ids all zero. [`Denoiser::encode`] returns `cond = [t5_hidden, pooled]`.
+/// text position ids all zero. [`Denoiser::encode`] returns `cond` = [`FluxCond::to_vec`]:
+/// `[t5_hidden, pooled]`, plus T5's attention mask with [`Flux::apply_t5_attn_mask`].
 ///
 /// The denoiser is fed packed 2x2 latent patches `[b, h/2 · w/2, 64]` with their `(0, row,
 /// col)` position ids, `timesteps / 1000` (flow-matching σ) and, for guidance-distilled
@@ -47,6 +48,10 @@ pub struct Flux {
     pub guidance_scale: f64,
     /// Keep CLIP-L's graph (it carries adapters to train).
     pub train_text_encoder: bool,
+    /// kohya's `apply_t5_attn_mask`: T5 and the transformer's joint attention both ignore T5's
+    /// padding tokens (off: they attend to them, as FLUX.1 was trained and BFL / diffusers
+    /// sample).
+    pub apply_t5_attn_mask: bool,
     /// Where the model lives.
     pub device: Device,
     /// The dtype of the frozen transformer / text encoders (inputs are cast to it).
@@ -65,19 +70,16 @@ impl Flux {
             title,
         );
         meta.training.insert("ss_guidance_scale".into(), self.guidance_scale.to_string());
-        meta.training.insert("ss_apply_t5_attn_mask".into(), "False".into());
+        let mask = if self.apply_t5_attn_mask { "True" } else { "False" };
+        meta.training.insert("ss_apply_t5_attn_mask".into(), mask.into());
         meta
     }
 
-    /// Text conditioning `(t5_hidden, pooled)`.
-    ///
-    /// # Shapes
-    /// `prompts.len() = b` → `t5_hidden: [b, t5_max_length, d_t5]` (base dtype),
-    /// `pooled: [b, 768]`.
+    /// Text conditioning of `prompts` (T5's mask kept with [`Flux::apply_t5_attn_mask`]).
     ///
     /// # Errors
     /// Tokenizer or text-encoder errors.
-    pub fn encode_prompts(&self, prompts: &[String], train: bool) -> Result<(Tensor, Tensor)> {
+    pub fn encode_prompts(&self, prompts: &[String], train: bool) -> Result<FluxCond> {
         let b = prompts.len() as i64;
         let clip_grad = train && self.train_text_encoder;
         let pooled = {
@@ -90,8 +92,13 @@ impl Flux {
         let _guard = tch::no_grad_guard();
         let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let tokens = self.t5_tokenizer.tokenize(&texts, self.t5_max_length);
-        let hidden = self.t5.forward(&tokens.input_ids.to(self.device), None, false)?;
-        Ok((hidden.to_kind(self.dtype), pooled.to_kind(self.dtype)))
+        let mask = self.apply_t5_attn_mask.then(|| tokens.attention_mask.to(self.device));
+        let hidden = self.t5.forward(&tokens.input_ids.to(self.device), mask.as_ref(), false)?;
+        Ok(FluxCond {
+            t5_hidden: hidden.to_kind(self.dtype),
+            pooled: pooled.to_kind(self.dtype),
+            t5_mask: mask,
+        })
     }
 
     /// Shifted and scaled latents `(z − shift) · scale` of images in [-1, 1] (a sample of the
@@ -127,11 +134,11 @@ impl Flux {
     }
 
     /// The transformer's output (the flow velocity, f32) for unpacked `noisy` latents at
-    /// flow-matching `timesteps` (σ · 1000) under `(t5_hidden, pooled)`.
+    /// flow-matching `timesteps` (σ · 1000) under `cond`.
     ///
     /// # Shapes
-    /// `noisy: [b, 16, h, w]` (`h`, `w` even), `timesteps: [b]`, `t5_hidden: [b, n, d_t5]`,
-    /// `pooled: [b, 768]` → `[b, 16, h, w]`.
+    /// `noisy: [b, 16, h, w]` (`h`, `w` even), `timesteps: [b]`, `cond` of batch `b` →
+    /// `[b, 16, h, w]`.
     ///
     /// # Errors
     /// [`Error::Tensor`] for latents that are not 4-D or have odd sizes.
@@ -139,11 +146,10 @@ impl Flux {
         &self,
         noisy: &Tensor,
         timesteps: &Tensor,
-        t5_hidden: &Tensor,
-        pooled: &Tensor,
+        cond: &FluxCond,
         train: bool,
     ) -> Result<Tensor> {
-        self.transformer_forward_guided(noisy, timesteps, t5_hidden, pooled, None, train)
+        self.transformer_forward_guided(noisy, timesteps, cond, None, train)
     }
 
     /// [`Flux::transformer_forward`] with the guidance embedding's input given per sample
@@ -158,11 +164,11 @@ impl Flux {
         &self,
         noisy: &Tensor,
         timesteps: &Tensor,
-        t5_hidden: &Tensor,
-        pooled: &Tensor,
+        cond: &FluxCond,
         guidance: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        let t5_hidden = &cond.t5_hidden;
         let img = pack_latents(&noisy.to_kind(self.dtype))?;
         let size = noisy.size();
         let (b, h, w) = (size[0], size[2], size[3]);
@@ -173,14 +179,15 @@ impl Flux {
             Some(g) => g.to_kind(Kind::Float).to_device(self.device),
             None => Tensor::full([b], self.guidance_scale, (Kind::Float, self.device)),
         });
-        let out = self.transformer.forward(
+        let out = self.transformer.forward_masked(
             &img,
             &ids,
             &t5_hidden.to_kind(self.dtype),
             &t_ids,
             &t,
-            &pooled.to_kind(self.dtype),
+            &cond.pooled.to_kind(self.dtype),
             guidance.as_ref(),
+            cond.t5_mask.as_ref(),
             train,
         );
         Ok(unpack_latents(&out, h, w)?.to_kind(Kind::Float))
@@ -192,8 +199,8 @@ impl Denoiser for Flux {
 
     fn encode(&self, batch: &Batch, train: bool) -> Result<Encoded> {
         let latents = self.encode_images(&batch.pixels)?;
-        let (t5_hidden, pooled) = self.encode_prompts(&batch.captions, train)?;
-        Ok(crate::util::encoded(batch, latents, vec![t5_hidden, pooled], self.device))
+        let cond = self.encode_prompts(&batch.captions, train)?;
+        Ok(crate::util::encoded(batch, latents, cond.to_vec(), self.device))
     }
 
     fn predict(
@@ -203,13 +210,52 @@ impl Denoiser for Flux {
         enc: &Encoded,
         train: bool,
     ) -> Result<Tensor> {
-        let [t5_hidden, pooled] = &enc.cond[..] else {
-            return Err(Error::Shape {
-                name: "Encoded::cond (FLUX expects [t5_hidden, pooled])".into(),
+        self.transformer_forward(noisy, timesteps, &FluxCond::from_slice(&enc.cond)?, train)
+    }
+}
+
+/// FLUX.1's text conditioning.
+///
+/// # Shapes
+/// `t5_hidden: [b, n, d_t5]` (T5's last hidden state), `pooled: [b, 768]` (CLIP-L),
+/// `t5_mask: [b, n]` (1 = token, 0 = padding; kohya's `apply_t5_attn_mask`).
+#[derive(Debug)]
+pub struct FluxCond {
+    /// T5's last hidden state.
+    pub t5_hidden: Tensor,
+    /// CLIP-L's pooled output.
+    pub pooled: Tensor,
+    /// T5's attention mask, when padding is hidden from the transformer.
+    pub t5_mask: Option<Tensor>,
+}
+
+impl FluxCond {
+    /// `[t5_hidden, pooled]` or `[t5_hidden, pooled, t5_mask]`: the training step's
+    /// [`Encoded::cond`] (and what text-encoder caches store).
+    pub fn to_vec(&self) -> Vec<Tensor> {
+        let mut v = vec![self.t5_hidden.shallow_clone(), self.pooled.shallow_clone()];
+        v.extend(self.t5_mask.as_ref().map(Tensor::shallow_clone));
+        v
+    }
+
+    /// The inverse of [`FluxCond::to_vec`].
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a slice of another length.
+    pub fn from_slice(cond: &[Tensor]) -> Result<Self> {
+        match cond {
+            [t5, pooled] | [t5, pooled, _] => Ok(Self {
+                t5_hidden: t5.shallow_clone(),
+                pooled: pooled.shallow_clone(),
+                t5_mask: cond.get(2).map(Tensor::shallow_clone),
+            }),
+            _ => Err(Error::Shape {
+                name: "FLUX conditioning (expects [t5_hidden, pooled] or [t5_hidden, pooled, \
+                       t5_mask])"
+                    .into(),
                 expected: vec![2],
-                actual: vec![enc.cond.len() as i64],
-            });
-        };
-        self.transformer_forward(noisy, timesteps, t5_hidden, pooled, train)
+                actual: vec![cond.len() as i64],
+            }),
+        }
     }
 }

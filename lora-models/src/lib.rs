@@ -56,6 +56,7 @@ pub mod flux_lora;
 mod flux_pipeline;
 mod json;
 pub mod keys;
+mod lazy;
 mod sd;
 mod sdxl;
 mod t5;
@@ -68,14 +69,17 @@ pub use clip::projection::{ClipTextModelWithProjection, SdxlTextOutput};
 pub use clip::text_model::{ClipHiddenStates, ClipTextModel, ClipTextOutput};
 pub use clip::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
 pub use flux::config::FluxConfig;
-pub use flux::keys::{read_flux_diffusers, read_flux_single_file, FluxKeyMap, FluxModuleRule};
+pub use flux::keys::{
+    open_flux_diffusers, read_flux_diffusers, read_flux_single_file, FluxKeyMap, FluxModuleRule,
+};
 pub use flux::pack::{flux_img_ids, flux_txt_ids, pack_latents, unpack_latents};
 pub use flux::transformer::FluxTransformer;
 pub use flux_lora::{
     convert_flux_lora_file, flux_diffusers_to_kohya, flux_kohya_to_diffusers, FluxLoraFormat,
     FluxLoraTargets,
 };
-pub use flux_pipeline::Flux;
+pub use flux_pipeline::{Flux, FluxCond};
+pub use lazy::LazyTensors;
 pub use lora_core::{Error, Result};
 pub use sd::checkpoint::Checkpointing;
 pub use sd::config::{DownBlockType, PredictionType, UNetConfig, UpBlockType};

@@ -16,14 +16,13 @@
 //! quantized form with one tensor in flight.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use lora_core::quant::QuantStore;
-use safetensors::tensor::Metadata;
-use safetensors::{Dtype, SafeTensors};
-use tch::{nn::VarStore, Kind, Tensor};
+use safetensors::SafeTensors;
+use tch::{nn::VarStore, Tensor};
 
+use crate::lazy::{kind_of, LazyTensors, ModelSink};
 use crate::{Error, Result};
 
 /// How many keys an error message lists before it only counts the rest.
@@ -71,19 +70,7 @@ impl StateDict {
     /// # Errors
     /// [`Error::Io`] / [`Error::File`] for an unreadable or malformed header.
     pub fn read_shapes(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let bad = |reason: String| Error::File { path: path.to_path_buf(), reason };
-        let (_, meta, _) = read_header(path)?;
-        let mut tensors = BTreeMap::new();
-        for (key, info) in meta.tensors() {
-            let kind = kind_of(info.dtype).ok_or_else(|| {
-                bad(format!("tensor `{key}` has unsupported dtype {:?}", info.dtype))
-            })?;
-            let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-            let stand_in = Tensor::zeros([], (kind, tch::Device::Cpu)).expand(&shape, false);
-            tensors.insert(key, stand_in);
-        }
-        Ok(Self { path: path.to_path_buf(), tensors })
+        Ok(LazyTensors::open(path)?.shapes())
     }
 
     /// A state dict from tensors in memory; `source` names it in error messages.
@@ -179,63 +166,15 @@ impl StateDict {
         quant: Option<&QuantStore>,
     ) -> Result<()> {
         let path = path.as_ref();
-        let io = |source| Error::Io { path: path.to_path_buf(), source };
-        let bad = |reason: String| Error::File { path: path.to_path_buf(), reason };
-        let (mut file, meta, data_start) = read_header(path)?;
-        let data_len = file.metadata().map_err(io)?.len() - data_start;
-
-        let vars = vs.variables();
-        let slots = quant.map(QuantStore::keys).unwrap_or_default();
-        let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
-            meta.tensors().into_iter().collect();
-        infos.sort_by_key(|(_, info)| info.data_offsets);
-        check_keys(
-            path,
-            vars.keys().map(String::as_str).chain(slots.iter().map(String::as_str)),
-            infos.iter().map(|(k, _)| k.as_str()),
-        )?;
+        let src = LazyTensors::open(path)?;
+        let sink = ModelSink::new(path, vs, quant);
+        check_keys(path, sink.keys().iter().map(String::as_str), src.keys())?;
         // Header checks before any write.
-        let mut plan = Vec::with_capacity(infos.len());
-        for (key, info) in &infos {
-            let kind = kind_of(info.dtype).ok_or_else(|| {
-                bad(format!("tensor `{key}` has unsupported dtype {:?}", info.dtype))
-            })?;
-            let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-            let (start, end) = info.data_offsets;
-            let bytes = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
-            if end < start || (end - start) as u64 != bytes || end as u64 > data_len {
-                return Err(bad(format!("tensor `{key}`: bad data offsets {start}..{end}")));
-            }
-            match (vars.get(key.as_str()), quant) {
-                (Some(dst), _) if dst.size() != shape => {
-                    return Err(Error::Shape {
-                        name: format!("{}: {key}", path.display()),
-                        expected: dst.size(),
-                        actual: shape,
-                    })
-                }
-                (Some(_), _) => {}
-                (None, Some(q)) => check_slot_shape(path, q, key, &shape)?,
-                (None, None) => return Err(bad(format!("unexpected key `{key}`"))),
-            }
-            plan.push((key.as_str(), kind, shape, start as u64, bytes as usize));
+        for key in src.keys() {
+            sink.check(key, src.shape(key).unwrap_or_default())?;
         }
-        for (key, kind, shape, start, bytes) in plan {
-            // Read straight into the tensor's storage: one copy of this tensor in flight.
-            let t = Tensor::f_empty(shape.as_slice(), (kind, tch::Device::Cpu))?;
-            if bytes > 0 {
-                file.seek(SeekFrom::Start(data_start + start)).map_err(io)?;
-                // SAFETY: `t` is a fresh contiguous CPU tensor of exactly `bytes` bytes (its
-                // kind's size times its element count, checked against the header above),
-                // alive and not aliased while the slice is.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<u8>(), bytes) };
-                file.read_exact(dst).map_err(io)?;
-            }
-            match vars.get(key) {
-                Some(dst) => tch::no_grad(|| dst.shallow_clone().f_copy_(&t))?,
-                None => quant.map_or(Ok(()), |q| q.fill(key, &t))?,
-            }
+        for key in src.keys_in_file_order() {
+            sink.put(key, &src.read(key)?)?;
         }
         Ok(())
     }
@@ -311,48 +250,10 @@ pub(crate) fn copy_checked<'a>(
     })
 }
 
-/// libtorch's kind for a safetensors dtype.
-/// Opens a safetensors file and parses its header: the open file, the header, and the offset
-/// of the data section.
-fn read_header(path: &Path) -> Result<(std::fs::File, Metadata, u64)> {
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
-    let bad = |reason: String| Error::File { path: path.to_path_buf(), reason };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let file_len = file.metadata().map_err(io)?.len();
-    let mut n = [0u8; 8];
-    file.read_exact(&mut n).map_err(|e| bad(format!("not safetensors: {e}")))?;
-    let n = u64::from_le_bytes(n);
-    if n > 100_000_000 || 8 + n > file_len {
-        return Err(bad(format!("not safetensors: header length {n}")));
-    }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header).map_err(io)?;
-    let meta: Metadata =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("not safetensors: {e}")))?;
-    Ok((file, meta, 8 + n))
-}
-
-fn kind_of(dtype: Dtype) -> Option<Kind> {
-    Some(match dtype {
-        Dtype::F64 => Kind::Double,
-        Dtype::F32 => Kind::Float,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        Dtype::F8_E4M3 => Kind::Float8e4m3fn,
-        Dtype::F8_E5M2 => Kind::Float8e5m2,
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
     use tch::{nn, Device};
 
     fn model() -> VarStore {

@@ -35,8 +35,18 @@ fn model(sd: &StateDict, cfg: &FluxConfig) -> (FluxTransformer, VarStore) {
 
 /// Our forward on the fixture inputs, ids given with batch 1 (`[1, n, 3]`).
 fn forward(m: &FluxTransformer, io: &StateDict, train: bool) -> Tensor {
+    forward_masked(m, io, None, train)
+}
+
+/// [`forward`] with a text padding mask.
+fn forward_masked(
+    m: &FluxTransformer,
+    io: &StateDict,
+    mask: Option<&Tensor>,
+    train: bool,
+) -> Tensor {
     let g = |k: &str| get(io, k);
-    m.forward(
+    m.forward_masked(
         &g("img"),
         &g("img_ids").unsqueeze(0),
         &g("txt"),
@@ -44,6 +54,7 @@ fn forward(m: &FluxTransformer, io: &StateDict, train: bool) -> Tensor {
         &g("timesteps"),
         &g("y"),
         Some(&g("guidance")),
+        mask,
         train,
     )
 }
@@ -91,6 +102,51 @@ fn flux_forward_matches_diffusers_from_the_single_file() {
     let err = max_abs(&out, &get(&io, "out"));
     eprintln!("FLUX single file: max abs error {err:.3e}");
     assert!(err <= TOL, "max abs error {err:.3e}");
+}
+
+/// kohya's `apply_t5_attn_mask`: diffusers' attention with the key mask `[txt_mask, ones]`
+/// (the fixture's sample 1 has two padded text tokens); and, independently of the fixture, the
+/// masked image output equals the unmasked output of the text without its padding.
+#[test]
+fn flux_text_padding_mask_matches_diffusers_and_removes_the_padding() {
+    let sd = read_flux_single_file(fixture("flux/single.safetensors")).unwrap();
+    let (m, _vs) = model(&sd, &FluxConfig::tiny());
+    let io = io();
+    let mask = get(&io, "txt_mask");
+    let out = tch::no_grad(|| forward_masked(&m, &io, Some(&mask), false));
+    let want = get(&io, "out_masked");
+    let err = max_abs(&out, &want);
+    eprintln!("FLUX masked: max abs error {err:.3e}");
+    assert!(err <= TOL, "max abs error {err:.3e}");
+    // The mask matters: sample 1 differs from the unmasked output by far more than the error.
+    let plain = get(&io, "out");
+    assert!(max_abs(&out.get(1), &plain.get(1)) > 100.0 * TOL.max(err));
+
+    // Sample 1 alone with its 3 real text tokens and no mask.
+    let g = |k: &str| get(&io, k);
+    let n_real = mask.get(1).sum(Kind::Int64).int64_value(&[]);
+    assert_eq!(n_real, 3);
+    let one = |k: &str| g(k).narrow(0, 1, 1);
+    let cut = tch::no_grad(|| {
+        m.forward(
+            &one("img"),
+            &g("img_ids").unsqueeze(0),
+            &one("txt").narrow(1, 0, n_real),
+            &g("txt_ids").narrow(0, 0, n_real).unsqueeze(0),
+            &one("timesteps"),
+            &one("y"),
+            Some(&one("guidance")),
+            false,
+        )
+    });
+    let err = max_abs(&cut.get(0), &out.get(1));
+    assert!(err <= 1e-5, "masked vs truncated text: {err:.3e}");
+    // A mask of the wrong shape is refused loudly.
+    let bad = Tensor::ones([2, 4], (Kind::Int64, Device::Cpu));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tch::no_grad(|| forward_masked(&m, &io, Some(&bad), false))
+    }));
+    assert!(r.is_err());
 }
 
 #[test]
@@ -179,7 +235,8 @@ fn flux_checkpointed_gradients_equal_plain_ones() {
     let grads = |mode: Checkpointing| {
         let (mut m, vs) = model(&sd, &FluxConfig::tiny());
         m.set_gradient_checkpointing(mode);
-        let out = forward(&m, &io, true);
+        // With the text mask, which the recomputation must see too.
+        let out = forward_masked(&m, &io, Some(&get(&io, "txt_mask")), true);
         (&out * &out).sum(Kind::Float).backward();
         let vars = vs.variables();
         let mut keys: Vec<_> = vars.keys().cloned().collect();
@@ -277,4 +334,105 @@ fn single_file_streams_into_a_float8_transformer() {
     let rel = (&a - &want).norm().double_value(&[]) / want.norm().double_value(&[]);
     eprintln!("FLUX float8 transformer vs diffusers f32: relative error {rel:.3e}");
     assert!(rel < 0.15, "float8 relative error {rel:.3e}");
+}
+
+/// A diffusers `transformer/` folder streamed tensor by tensor (`open_flux_diffusers` +
+/// `FluxKeyMap::stream_into`, q / k / v fused on the fly), as one file and as shards with an
+/// index, gives exactly the model the whole-folder read gives, plain and over a float8 base;
+/// a folder that does not fit is refused from its headers with the keys named, nothing
+/// written.
+#[test]
+fn diffusers_folder_streams_into_plain_and_float8_transformers() {
+    use lora_core::{ModelPart, QuantConfig, QuantFormat, QuantLayers};
+    use lora_models::open_flux_diffusers;
+    let folder = fixture("flux/model/transformer");
+    let (cfg, whole) = read_flux_diffusers(&folder).unwrap();
+
+    // The same weights as two shards and an index, as large diffusers checkpoints come.
+    let dir = tempfile::tempdir().unwrap();
+    let sharded = dir.path().join("transformer");
+    std::fs::create_dir(&sharded).unwrap();
+    std::fs::copy(folder.join("config.json"), sharded.join("config.json")).unwrap();
+    let diffusers = FluxKeyMap::new(&cfg).to_diffusers(read_flux_diffusers(&folder).unwrap().1);
+    let diffusers = diffusers.unwrap();
+    let keys: Vec<String> = diffusers.keys().map(str::to_owned).collect();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in keys.chunks(keys.len() / 2 + 1).enumerate() {
+        let name = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        let pairs: Vec<(String, Tensor)> =
+            chunk.iter().map(|k| (k.clone(), diffusers.get(k).unwrap().shallow_clone())).collect();
+        Tensor::write_safetensors(&pairs, sharded.join(&name)).unwrap();
+        for k in chunk {
+            weight_map.insert(k.clone(), name.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(
+        sharded.join("diffusion_pytorch_model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let io = io();
+    let (plain, vs) = model(&whole, &cfg);
+    let want = tch::no_grad(|| forward(&plain, &io, false));
+    drop(vs);
+    for source in [&folder, &sharded] {
+        let (c, src) = open_flux_diffusers(source).unwrap();
+        assert_eq!(c, cfg);
+        // Plain: every variable equal to the whole read's.
+        let vs = VarStore::new(Device::Cpu);
+        let m = FluxTransformer::new(vs.root(), &PlainLayers, &cfg).unwrap();
+        FluxKeyMap::new(&cfg).stream_into(&src, &vs, None).unwrap();
+        for (k, v) in vs.variables() {
+            assert!(v.equal(&whole.get(&k).unwrap().to_kind(v.kind())), "{k}");
+        }
+        assert!(tch::no_grad(|| forward(&m, &io, false)).equal(&want));
+        // Float8: equal to loading the whole read into the same quantized base.
+        let build = || {
+            let q = QuantConfig::new(QuantFormat::Fp8E4m3fn).build().unwrap();
+            let vs = VarStore::new(Device::Cpu);
+            let l = QuantLayers::new(&q, ModelPart::Unet);
+            (FluxTransformer::new(vs.root(), &l, &cfg).unwrap(), vs, q)
+        };
+        let (streamed, vs1, q1) = build();
+        FluxKeyMap::new(&cfg).stream_into(&src, &vs1, Some(q1.store())).unwrap();
+        let (loaded, vs2, q2) = build();
+        whole.load_into_quantized(&vs2, q2.store()).unwrap();
+        assert!(q1.store().len() > 10);
+        let (a, b) =
+            tch::no_grad(|| (forward(&streamed, &io, false), forward(&loaded, &io, false)));
+        assert!(a.equal(&b), "{}: streamed and whole float8 models differ", source.display());
+    }
+
+    // Not this architecture: the schnell-shaped model has no guidance embedding, so the
+    // folder's `time_text_embed.guidance_embedder.*` keys are unexpected; nothing is written.
+    let (_, src) = open_flux_diffusers(&folder).unwrap();
+    let schnell = FluxConfig { guidance_embed: false, ..cfg.clone() };
+    let vs = VarStore::new(Device::Cpu);
+    let _m = FluxTransformer::new(vs.root(), &PlainLayers, &schnell).unwrap();
+    let before: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let err = FluxKeyMap::new(&schnell).stream_into(&src, &vs, None).unwrap_err().to_string();
+    assert!(err.contains("unexpected key(s)") && err.contains("guidance_embedder"), "{err}");
+    let vars = vs.variables();
+    assert!(before.iter().all(|(k, v)| vars[k].equal(v)), "a refused load wrote weights");
+    // A part with the wrong rows is named with both shapes.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::copy(folder.join("config.json"), bad.join("config.json")).unwrap();
+    let key = "transformer_blocks.0.attn.to_k.weight";
+    let pairs: Vec<(String, Tensor)> = keys
+        .iter()
+        .map(|k| {
+            let t = diffusers.get(k).unwrap();
+            (k.clone(), if k == key { t.narrow(0, 0, t.size()[0] - 1) } else { t.shallow_clone() })
+        })
+        .collect();
+    Tensor::write_safetensors(&pairs, bad.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let (_, src) = open_flux_diffusers(&bad).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let _m = FluxTransformer::new(vs.root(), &PlainLayers, &cfg).unwrap();
+    let err = FluxKeyMap::new(&cfg).stream_into(&src, &vs, None).unwrap_err().to_string();
+    assert!(err.contains(key), "{err}");
 }

@@ -136,7 +136,8 @@ pub struct TrainArgs {
     pub guidance_scale: Option<f64>,
     /// kohya (FLUX) `t5xxl_max_token_length`: 512 for dev, 256 for schnell when unset.
     pub t5xxl_max_token_length: Option<usize>,
-    /// kohya (FLUX) `apply_t5_attn_mask`.
+    /// kohya (FLUX) `apply_t5_attn_mask`: T5 and the transformer's joint attention ignore
+    /// T5's padding tokens (default off: FLUX.1 was trained attending to them).
     pub apply_t5_attn_mask: bool,
     /// kohya `fp8_base`: keep the frozen base's Linears in float8 (e4m3fn) with per-row
     /// scales, dequantized per layer in forward (SDXL: the U-Net; FLUX: the transformer and
@@ -369,12 +370,6 @@ impl Config {
                              `t5xxl_max_token_length`); remove the key"
                         );
                     }
-                }
-                if a.apply_t5_attn_mask {
-                    bail!(
-                        "{p}: `apply_t5_attn_mask` = true is not supported yet: the transformer \
-                         attends to T5's padding as FLUX.1 was trained (kohya's default)"
-                    );
                 }
                 if let Some(g) = a.guidance_scale {
                     if !g.is_finite() || g < 0.0 {

@@ -14,11 +14,12 @@ use lora_core::{
 };
 use lora_loss::{FlowEulerSampler, Sampler};
 use lora_models::flux_lora::{flux_text_encoder_targets, FluxLoraTargets};
+use lora_models::keys::clip_key;
 use lora_models::{
-    read_flux_single_file, read_t5_encoder_weights, vae_from_ldm, AutoencoderKL, Checkpointing,
-    ClipActivation, ClipTextConfig, ClipTextModel, ClipTokenizer, DiffusersFolder, Flux,
-    FluxConfig, StateDict, T5Config, T5EncoderModel, T5Tokenizer, VaeConfig, T5_MAX_LENGTH_DEV,
-    T5_MAX_LENGTH_SCHNELL,
+    open_flux_diffusers, read_flux_single_file, read_t5_encoder_weights, vae_from_ldm,
+    AutoencoderKL, Checkpointing, ClipActivation, ClipTextConfig, ClipTextModel, ClipTokenizer,
+    DiffusersFolder, Flux, FluxCond, FluxConfig, FluxKeyMap, LazyTensors, StateDict, T5Config,
+    T5EncoderModel, T5Tokenizer, VaeConfig, T5_MAX_LENGTH_DEV, T5_MAX_LENGTH_SCHNELL,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -93,9 +94,19 @@ pub struct Weights {
     pub t5_tokenizer: T5Tokenizer,
     /// Where the demo model is saved after creation (`None` for a real checkpoint).
     pub demo_dir: Option<PathBuf>,
-    /// A BFL single file to stream the transformer from, one tensor at a time, while building
-    /// (the transformer's weights are then `None`): the 24 GB file is never held whole.
-    pub transformer_file: Option<PathBuf>,
+    /// Where to stream the transformer from, one tensor at a time, while building (the
+    /// transformer's weights are then `None`): the 24 GB checkpoint is never held whole.
+    pub transformer_stream: Option<TransformerStream>,
+}
+
+/// A transformer checkpoint loaded tensor by tensor while the model is built.
+#[derive(Debug)]
+pub enum TransformerStream {
+    /// BFL's single file, whose keys are the model's.
+    SingleFile(PathBuf),
+    /// A diffusers `transformer/` folder (one file or shards), q / k / v fused on the fly
+    /// ([`FluxKeyMap::stream_into`]).
+    Diffusers(LazyTensors),
 }
 
 /// CLIP ViT-L/14's text tower (FLUX's `text_encoder`), for single files without a config.
@@ -121,24 +132,24 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
             t5: (t, read_if_present(&dir, "text_encoder_2")?),
             t5_tokenizer: tok,
             demo_dir: Some(dir),
-            transformer_file: None,
+            transformer_stream: None,
         });
     };
     if path.is_dir() {
         let folder = DiffusersFolder::new(path);
-        let (fc, fs) = folder.flux_transformer()?;
+        let (fc, lazy) = open_flux_diffusers(path.join("transformer"))?;
         let (vc, vs) = folder.vae()?;
         let (cc, cs) = folder.text_encoder()?;
         let (tc, ts) = read_t5_dir(&path.join("text_encoder_2"))?;
         let tok = T5Tokenizer::from_dir(path.join("tokenizer_2"))?;
         return Ok(Weights {
-            transformer: (fc, Some(fs)),
+            transformer: (fc, None),
             vae: (vc, Some(vs)),
             clip: (cc, Some(cs)),
             t5: (tc, Some(ts)),
             t5_tokenizer: tok,
             demo_dir: None,
-            transformer_file: None,
+            transformer_stream: Some(TransformerStream::Diffusers(lazy)),
         });
     }
     let need = |key: &str, v: &Option<PathBuf>| -> Result<PathBuf> {
@@ -154,13 +165,20 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
     // BFL's own file has the model's keys: its architecture comes from the header and its
     // tensors are streamed while building. A file with a prefix (ComfyUI's
     // `model.diffusion_model.`) is read whole and renamed.
+    // RoPE's `axes_dim` has no weights: BFL's is taken, so the head width must be BFL's 128.
+    let axes = FluxConfig::dev().axes_dim;
+    let infer = |sd: &StateDict| {
+        FluxConfig::infer_from_original(sd, &axes).with_context(|| {
+            format!("a FLUX single file carries no RoPE axes: BFL's axes_dim {axes:?} is assumed")
+        })
+    };
     let shapes = StateDict::read_shapes(path)?;
     let streamable = shapes.get("img_in.weight").is_some();
     let (fc, fs) = if streamable {
-        (FluxConfig::infer_from_original(&shapes, &FluxConfig::dev().axes_dim)?, None)
+        (infer(&shapes)?, None)
     } else {
         let fs = read_flux_single_file(path)?;
-        (FluxConfig::infer_from_original(&fs, &FluxConfig::dev().axes_dim)?, Some(fs))
+        (infer(&fs)?, Some(fs))
     };
     drop(shapes);
     let (vc, vs) = if ae_p.is_dir() {
@@ -172,12 +190,23 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
     let (cc, cs) = if clip_p.is_dir() {
         DiffusersFolder::text_encoder_dir(&clip_p)?
     } else {
-        (clip_l_config(), StateDict::read(&clip_p)?)
+        // Keys normalised as the folder form's (`text_model.*`, no `position_ids`). A file
+        // saved from `CLIPTextModelWithProjection` (as ComfyUI's `clip_l.safetensors` may be)
+        // also holds `text_projection.weight`: FLUX uses the pooled output before the
+        // projection (kohya's `load_clip_l` loads into a `CLIPTextModel`), so it is dropped.
+        let sd = StateDict::read(&clip_p)?;
+        let file = sd.path().to_path_buf();
+        let tensors = sd.into_tensors().into_iter().filter_map(|(k, t)| {
+            clip_key(&k).filter(|k| !k.starts_with("text_projection.")).map(|k| (k, t))
+        });
+        let cs = StateDict::from_tensors(file, tensors);
+        (check_clip_l(&cs).with_context(|| format!("`clip_l` = {}", clip_p.display()))?, cs)
     };
     let (tc, ts) = if t5_p.is_dir() {
         read_t5_dir(&t5_p)?
     } else {
-        (T5Config::t5_xxl(), read_t5_encoder_weights(&t5_p)?)
+        let ts = read_t5_encoder_weights(&t5_p)?;
+        (infer_t5_config(&ts).with_context(|| format!("`t5xxl` = {}", t5_p.display()))?, ts)
     };
     let tok_dir = if t5_p.is_dir() {
         t5_p.clone()
@@ -191,7 +220,7 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
         )
     })?;
     Ok(Weights {
-        transformer_file: fs.is_none().then(|| path.clone()),
+        transformer_stream: fs.is_none().then(|| TransformerStream::SingleFile(path.clone())),
         transformer: (fc, fs),
         vae: (vc, Some(vs)),
         clip: (cc, Some(cs)),
@@ -199,6 +228,97 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
         t5_tokenizer: tok,
         demo_dir: None,
     })
+}
+
+/// CLIP-L's config for a single `clip_l` file, after checking the file holds CLIP-L.
+///
+/// A CLIP text model's weights do not show its attention-head count (q, k, v are
+/// `[hidden, hidden]` however the width is split), so a config-less single file can only be
+/// taken as the one architecture FLUX.1 uses (kohya's `load_clip_l` builds CLIP-L too); a file
+/// of any other size is refused here, naming its sizes, instead of failing later on the first
+/// mismatched tensor. Other CLIP text models come as a transformers folder (`config.json`).
+///
+/// # Errors
+/// A missing or malformed tensor, or sizes other than CLIP-L's.
+fn check_clip_l(sd: &StateDict) -> Result<ClipTextConfig> {
+    let cfg = clip_l_config();
+    let (vocab, width) = shape2(sd, "text_model.embeddings.token_embedding.weight")?;
+    let (positions, _) = shape2(sd, "text_model.embeddings.position_embedding.weight")?;
+    let (mlp, _) = shape2(sd, "text_model.encoder.layers.0.mlp.fc1.weight")?;
+    let layers = count_blocks(sd, "text_model.encoder.layers.");
+    let want = [
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        cfg.max_position_embeddings,
+    ];
+    if [vocab, width, mlp, layers, positions] != want {
+        bail!(
+            "not CLIP-L: vocabulary {vocab}, width {width}, MLP {mlp}, {layers} layers, \
+             {positions} positions (CLIP-L: {want:?} in that order). A single file carries no \
+             attention-head count, so only CLIP-L is read from one: give another CLIP text \
+             model as a transformers folder (config.json + model.safetensors)"
+        );
+    }
+    Ok(cfg)
+}
+
+/// T5's architecture from the shapes of its encoder weights (keys as
+/// [`read_t5_encoder_weights`] returns them), for a config-less `t5xxl` single file: the
+/// vocabulary and width from `shared`, heads and buckets from block 0's relative attention
+/// bias (`[buckets, heads]`), the head width from `q` (`[heads · d_kv, d_model]`), the
+/// feed-forward width from `wi_0`, the depth from the block count. What the weights cannot
+/// show (the relative positions' maximum distance, the norms' epsilon, the gated-GELU
+/// activation) is T5 v1.1's, as in T5-XXL. So FLUX's T5-XXL gets exactly
+/// [`T5Config::t5_xxl`], and a smaller T5 v1.1 encoder its own size, as kohya's loaders read
+/// the transformer's.
+///
+/// # Errors
+/// A missing or malformed tensor, an ungated feed-forward (not T5 v1.1), or sizes that do
+/// not fit together.
+fn infer_t5_config(sd: &StateDict) -> Result<T5Config> {
+    let (vocab_size, d_model) = shape2(sd, "shared.weight")?;
+    let attn = "encoder.block.0.layer.0.SelfAttention.";
+    let (buckets, num_heads) = shape2(sd, &format!("{attn}relative_attention_bias.weight"))?;
+    let (inner, _) = shape2(sd, &format!("{attn}q.weight"))?;
+    let ff = "encoder.block.0.layer.1.DenseReluDense.";
+    if sd.get(&format!("{ff}wi_0.weight")).is_none() {
+        bail!("no `{ff}wi_0.weight`: not a T5 v1.1 encoder (gated feed-forward)");
+    }
+    let (d_ff, _) = shape2(sd, &format!("{ff}wi_0.weight"))?;
+    if num_heads <= 0 || inner % num_heads != 0 {
+        bail!("attention width {inner} does not split into {num_heads} heads");
+    }
+    let cfg = T5Config {
+        vocab_size,
+        d_model,
+        d_kv: inner / num_heads,
+        d_ff,
+        num_layers: count_blocks(sd, "encoder.block."),
+        num_heads,
+        relative_attention_num_buckets: buckets,
+        ..T5Config::t5_xxl()
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The `[rows, cols]` of a 2-D tensor of `sd`.
+fn shape2(sd: &StateDict, key: &str) -> Result<(i64, i64)> {
+    match sd.get(key).map(Tensor::size).as_deref() {
+        Some(&[rows, cols]) => Ok((rows, cols)),
+        Some(s) => bail!("`{key}` has shape {s:?}, expected 2 dims"),
+        None => bail!("no `{key}` tensor"),
+    }
+}
+
+/// How many numbered blocks `<prefix>N.` `sd` has (the largest N plus one).
+fn count_blocks(sd: &StateDict, prefix: &str) -> i64 {
+    sd.keys()
+        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<i64>().ok())
+        .max()
+        .map_or(0, |m| m + 1)
 }
 
 /// A transformers T5 folder: `config.json` and its safetensors.
@@ -437,14 +557,19 @@ pub fn build(
         ("text_encoder_2", &w.t5.1, inj.t5_quant.as_ref()),
     ];
     for (i, ((name, sd, q), vs)) in parts.into_iter().zip(&stores).enumerate() {
-        match (&w.transformer_file, i) {
-            (Some(file), 0) => {
+        match (&w.transformer_stream, i) {
+            (Some(stream), 0) => {
                 if let Some(q) = q {
                     q.finish()?;
                 }
-                StateDict::stream_into(file, vs, q.map(QuantBase::store)).with_context(|| {
-                    format!("streaming the transformer from {}", file.display())
-                })?;
+                let store = q.map(QuantBase::store);
+                match stream {
+                    TransformerStream::SingleFile(file) => StateDict::stream_into(file, vs, store),
+                    TransformerStream::Diffusers(src) => {
+                        FluxKeyMap::new(&w.transformer.0).stream_into(src, vs, store)
+                    }
+                }
+                .with_context(|| "streaming the transformer's weights into the model")?;
             }
             _ => load_or_save_quant(name, vs, q, sd.as_ref(), w.demo_dir.as_deref())?,
         }
@@ -470,6 +595,7 @@ pub fn build(
         }),
         guidance_scale: a.guidance_scale.unwrap_or(1.0),
         train_text_encoder: inj.clip.is_some() || inj.t5.is_some(),
+        apply_t5_attn_mask: a.apply_t5_attn_mask,
         device,
         dtype,
         vae_dtype,
@@ -477,14 +603,17 @@ pub fn build(
     Ok((flux, stores))
 }
 
-/// FLUX.1: `[t5_hidden, pooled]` of the pair, plus the guidance embedding's value (`--g`,
-/// default 3.5 as kohya's FLUX samples) as a `[2]` tensor; the flow Euler sampler, shifted
-/// by the image size for dev, unshifted for schnell (BFL's `get_schedule`).
+/// FLUX.1: the guidance embedding's value (`--g`, default 3.5 as kohya's FLUX samples) as a
+/// `[2]` tensor, then the pair's [`FluxCond::to_vec`] (T5's mask too with
+/// `apply_t5_attn_mask`, as kohya samples); the flow Euler sampler, shifted by the image size
+/// for dev, unshifted for schnell (BFL's `get_schedule`).
 impl SamplingModel for Flux {
     fn guidance_cond(&self, p: &SamplePrompt) -> lora_core::Result<Vec<Tensor>> {
-        let (t5, pooled) = self.encode_prompts(&[p.negative.clone(), p.prompt.clone()], false)?;
+        let cond = self.encode_prompts(&[p.negative.clone(), p.prompt.clone()], false)?;
         let g = Tensor::full([2], p.guidance.unwrap_or(3.5), (Kind::Float, self.device));
-        Ok(vec![t5, pooled, g])
+        let mut v = vec![g];
+        v.extend(cond.to_vec());
+        Ok(v)
     }
 
     fn latent_channels(&self) -> i64 {
@@ -499,7 +628,8 @@ impl SamplingModel for Flux {
 
     fn denoise(&self, x: &Tensor, t: &Tensor, cond: &[Tensor]) -> Tensor {
         let _guard = tch::no_grad_guard();
-        self.transformer_forward_guided(x, t, &cond[0], &cond[1], Some(&cond[2]), false)
+        let text = FluxCond::from_slice(&cond[1..]).expect("guidance_cond's layout");
+        self.transformer_forward_guided(x, t, &text, Some(&cond[0]), false)
             .expect("FLUX sample latents have even sizes (prompt sizes are multiples of 16)")
     }
 

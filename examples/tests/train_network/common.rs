@@ -240,3 +240,37 @@ pub(crate) fn metrics(out: &Path) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The demo test config ([`write_config`]) for FLUX.1 (`model_family = "flux"`): SD-only keys
+/// removed, FLUX's flow-matching settings (flux_shift, raw prediction, bf16 save, T5 length
+/// 32), then `(from, to)` replacements, each of which must match. Returns the config path.
+pub(crate) fn write_flux_config(
+    dir: &Path,
+    setup: &Setup<'_>,
+    replace: &[(&str, &str)],
+) -> PathBuf {
+    let config = write_config(dir, setup);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    let base: [(&str, &str); 5] = [
+        ("model_family = \"sd15\"", "model_family = \"flux\"\nt5xxl_max_token_length = 32"),
+        (
+            "network_args = [\"conv_dim=4\", \"conv_alpha=2\", \"loraplus_lr_ratio=4\"]",
+            "network_args = [\"loraplus_lr_ratio=4\"]",
+        ),
+        (
+            "min_snr_gamma = 5.0",
+            "timestep_sampling = \"flux_shift\"\nmodel_prediction_type = \"raw\"",
+        ),
+        ("sample_sampler = \"ddim\"\n", ""),
+        ("save_precision = \"fp16\"", "save_precision = \"bf16\""),
+    ];
+    for (from, to) in base.iter().chain(replace) {
+        if from.starts_with("sample_sampler") && !text.contains(from) {
+            continue;
+        }
+        assert!(text.contains(from), "the config has no {from:?}");
+        text = text.replacen(from, to, 1);
+    }
+    std::fs::write(&config, text).unwrap();
+    config
+}

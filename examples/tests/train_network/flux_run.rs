@@ -4,7 +4,6 @@
 //! kohya's `flux_train_network.py` creates for that architecture, under kohya's BFL names.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
 use lora_core::io::AdapterFile;
 use lora_core::{Injector, ModelPart};
@@ -15,39 +14,10 @@ use lora_models::Flux;
 use tch::nn::VarStore;
 use tch::Device;
 
-use crate::common::{epoch_batches, lock, mean_objective, raw_header, write_config, Setup};
+use crate::common::{epoch_batches, lock, mean_objective, raw_header, write_flux_config, Setup};
 
 /// Loss evaluation seeds (each fixes the autoencoder sample, the noise and the sigmas).
 const SEEDS: [i64; 8] = [11, 12, 13, 14, 15, 16, 17, 18];
-
-/// The demo test config (`common::write_config`) for FLUX: SD-only keys removed, FLUX's
-/// flow-matching settings, then `(from, to)` replacements.
-fn write_flux_config(dir: &Path, setup: &Setup<'_>, replace: &[(&str, &str)]) -> PathBuf {
-    let config = write_config(dir, setup);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    let base: [(&str, &str); 5] = [
-        ("model_family = \"sd15\"", "model_family = \"flux\"\nt5xxl_max_token_length = 32"),
-        (
-            "network_args = [\"conv_dim=4\", \"conv_alpha=2\", \"loraplus_lr_ratio=4\"]",
-            "network_args = [\"loraplus_lr_ratio=4\"]",
-        ),
-        (
-            "min_snr_gamma = 5.0",
-            "timestep_sampling = \"flux_shift\"\nmodel_prediction_type = \"raw\"",
-        ),
-        ("sample_sampler = \"ddim\"\n", ""),
-        ("save_precision = \"fp16\"", "save_precision = \"bf16\""),
-    ];
-    for (from, to) in base.iter().chain(replace) {
-        if from.starts_with("sample_sampler") && !text.contains(from) {
-            continue;
-        }
-        assert!(text.contains(from), "the config has no {from:?}");
-        text = text.replacen(from, to, 1);
-    }
-    std::fs::write(&config, text).unwrap();
-    config
-}
 
 /// kohya's module names (`networks/lora_flux.py`, default targets) for the demo architecture
 /// (2 double-stream and 2 single-stream blocks), written from BFL's layout, and CLIP-L's (2
@@ -185,7 +155,13 @@ fn flux_config_errors_name_the_file_and_the_key() {
     let cases: [(&[(&str, &str)], &str); 5] = [
         (&[("seed = 42", "seed = 42\nclip_skip = 2")], "`clip_skip`"),
         (&[("seed = 42", "seed = 42\nmax_token_length = 150")], "`max_token_length`"),
-        (&[("seed = 42", "seed = 42\napply_t5_attn_mask = true")], "`apply_t5_attn_mask`"),
+        (
+            &[(
+                "model_family = \"flux\"\nt5xxl_max_token_length = 32",
+                "model_family = \"sdxl\"\napply_t5_attn_mask = true",
+            )],
+            "`apply_t5_attn_mask`",
+        ),
         (
             &[("network_args = [\"loraplus_lr_ratio=4\"]", "network_args = [\"conv_dim=4\"]")],
             "`conv_dim`",
@@ -209,6 +185,51 @@ fn flux_config_errors_name_the_file_and_the_key() {
         );
     }
     Config::load(&write_flux_config(dir.path(), &setup, &[])).unwrap();
+}
+
+/// kohya's `apply_t5_attn_mask`: the run trains with T5's padding hidden (T5 and the joint
+/// attention), the file says so, and the mask reaches the model: the same LoRA scores
+/// differently with it off.
+#[test]
+fn flux_t5_attention_mask_trains_and_is_recorded() {
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_flux_config(
+        dir.path(),
+        &Setup {
+            steps: 30,
+            prompt: Some("photo, cat --w 32 --h 32 --s 2 --d 1"),
+            ..Setup::default()
+        },
+        &[("seed = 42", "seed = 42\napply_t5_attn_mask = true")],
+    );
+    let summary =
+        run(&RunOptions { config: config.clone(), ..RunOptions::default() }).expect("training");
+    assert_eq!((summary.state.step, summary.samples.len()), (30, 1));
+    let header = raw_header(&summary.lora);
+    assert_eq!(header["__metadata__"]["ss_apply_t5_attn_mask"], "True");
+
+    let cfg = Config::load(&config).unwrap();
+    assert!(cfg.args.apply_t5_attn_mask);
+    let batches = epoch_batches(&cfg);
+    let file = AdapterFile::read(&summary.lora).unwrap();
+    let (trained, base) = with_flux_model(&cfg, &file, |model, injectors| {
+        assert!(model.apply_t5_attn_mask);
+        let trained = mean_flow_loss(&cfg, model, &batches, &SEEDS);
+        for inj in injectors {
+            inj.set_multiplier(0.0).unwrap();
+        }
+        (trained, mean_flow_loss(&cfg, model, &batches, &SEEDS))
+    });
+    println!("FLUX with T5 mask: loss base {base:.5}, trained {trained:.5}");
+    assert!(trained < 0.8 * base, "trained {trained} is not clearly below base {base}");
+    let mut unmasked = cfg.clone();
+    unmasked.args.apply_t5_attn_mask = false;
+    let without = with_flux_model(&unmasked, &file, |model, _| {
+        mean_flow_loss(&unmasked, model, &batches, &SEEDS)
+    });
+    println!("the same LoRA without the mask: {without:.5}");
+    assert!((without - trained).abs() > 1e-4 * trained, "the mask changed nothing");
 }
 
 /// kohya's `fp8_base`: the transformer's and T5's Linears are stored in float8 (e4m3fn, one

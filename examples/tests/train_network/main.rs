@@ -14,6 +14,7 @@ mod config_errors;
 mod diffusers_export;
 mod distributed;
 mod flux_run;
+mod flux_single_file;
 mod resume;
 mod sdxl_run;
 mod short_run;

@@ -29,14 +29,14 @@ fn split_qkv(qkv: &Tensor, heads: i64) -> (Tensor, Tensor, Tensor) {
     (t.get(0), t.get(1), t.get(2))
 }
 
-/// Scaled dot-product attention with RoPE applied to q and k.
+/// Scaled dot-product attention with RoPE applied to q and k; `mask` (bool, `true` = attend)
+/// hides keys from every query.
 ///
 /// # Shapes
-/// `q, k, v: [b, heads, n, d]` → `[b, n, heads · d]`.
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Rope) -> Tensor {
+/// `q, k, v: [b, heads, n, d]`, `mask: [b, 1, 1, n]` → `[b, n, heads · d]`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Rope, mask: Option<&Tensor>) -> Tensor {
     let (q, k) = (pe.apply(q), pe.apply(k));
-    let ys =
-        Tensor::scaled_dot_product_attention(&q, &k, v, None::<Tensor>, 0.0, false, None, false);
+    let ys = Tensor::scaled_dot_product_attention(&q, &k, v, mask, 0.0, false, None, false);
     let size = ys.size();
     ys.transpose(1, 2).reshape([size[0], size[2], size[1] * size[3]])
 }
@@ -245,13 +245,15 @@ impl DoubleStreamBlock {
 
     /// # Shapes
     /// `img: [b, n_img, dim]`, `txt: [b, n_txt, dim]`, `vec: [b, dim]`, `pe` over
-    /// `n_txt + n_img` positions (text first) → `(img, txt)` of the input shapes.
+    /// `n_txt + n_img` positions (text first), `mask: [b, 1, 1, n_txt + n_img]` (bool keys)
+    /// → `(img, txt)` of the input shapes.
     pub(crate) fn forward(
         &self,
         img: &Tensor,
         txt: &Tensor,
         vec: &Tensor,
         pe: &Rope,
+        mask: Option<&Tensor>,
         train: bool,
     ) -> (Tensor, Tensor) {
         let ([iq, ik, iv], im) = self.img.qkv(img, vec, self.heads, train);
@@ -259,7 +261,7 @@ impl DoubleStreamBlock {
         let q = Tensor::cat(&[tq, iq], 2);
         let k = Tensor::cat(&[tk, ik], 2);
         let v = Tensor::cat(&[tv, iv], 2);
-        let attn = attention(&q, &k, &v, pe);
+        let attn = attention(&q, &k, &v, pe, mask);
         let n_txt = txt.size()[1];
         let txt_attn = attn.narrow(1, 0, n_txt);
         let img_attn = attn.narrow(1, n_txt, attn.size()[1] - n_txt);
@@ -301,15 +303,23 @@ impl SingleStreamBlock {
     }
 
     /// # Shapes
-    /// `xs: [b, n, dim]`, `vec: [b, dim]`, `pe` over `n` positions → `[b, n, dim]`.
-    pub(crate) fn forward(&self, xs: &Tensor, vec: &Tensor, pe: &Rope, train: bool) -> Tensor {
+    /// `xs: [b, n, dim]`, `vec: [b, dim]`, `pe` over `n` positions, `mask: [b, 1, 1, n]` (bool
+    /// keys) → `[b, n, dim]`.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        vec: &Tensor,
+        pe: &Rope,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let m = self.modulation.forward(vec, train);
         let x = modulate(&layer_norm(xs), &m[0].shift, &m[0].scale);
         let h = self.linear1.forward_t(&x, train);
         let parts = h.split_with_sizes([3 * self.dim, self.mlp_hidden], -1);
         let (q, k, v) = split_qkv(&parts[0], self.heads);
         let (q, k) = self.norm.forward(&q, &k, &v);
-        let attn = attention(&q, &k, &v, pe);
+        let attn = attention(&q, &k, &v, pe, mask);
         let out = self.linear2.forward_t(&Tensor::cat(&[attn, parts[1].gelu("tanh")], 2), train);
         xs + &m[0].gate * out
     }

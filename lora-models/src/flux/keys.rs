@@ -14,11 +14,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use lora_core::quant::QuantStore;
+use tch::nn::VarStore;
 use tch::Tensor;
 
 use crate::checkpoint_files::DiffusersFolder;
 use crate::flux::config::FluxConfig;
 use crate::keys::LDM_UNET_PREFIX;
+use crate::lazy::{LazyTensors, ModelSink};
 use crate::weights::{check_keys, StateDict};
 use crate::{Error, Result};
 
@@ -211,16 +214,7 @@ impl FluxKeyMap {
     /// the keys no rule uses; [`Error::Shape`] naming a fused part whose row count is wrong.
     pub fn to_original(&self, sd: StateDict) -> Result<StateDict> {
         let path = sd.path().to_path_buf();
-        let expected: Vec<String> = self
-            .rules
-            .iter()
-            .flat_map(|r| {
-                r.params()
-                    .into_iter()
-                    .flat_map(move |(_, dp)| r.diffusers.iter().map(move |d| format!("{d}.{dp}")))
-            })
-            .collect();
-        check_keys(&path, expected.iter().map(String::as_str), sd.keys())?;
+        check_keys(&path, self.diffusers_keys().iter().map(String::as_str), sd.keys())?;
         let mut tensors = sd.into_tensors();
         let mut out = BTreeMap::new();
         for r in &self.rules {
@@ -229,27 +223,10 @@ impl FluxKeyMap {
                 for (d, &rows) in r.diffusers.iter().zip(&r.rows) {
                     let key = format!("{d}.{dp}");
                     let t = tensors.remove(&key).expect("checked above");
-                    let actual = t.size();
-                    if actual.first() != Some(&rows) {
-                        let mut expected = actual.clone();
-                        if let Some(first) = expected.first_mut() {
-                            *first = rows;
-                        }
-                        return Err(Error::Shape {
-                            name: format!("{}: {key}", path.display()),
-                            expected,
-                            actual,
-                        });
-                    }
+                    check_rows(&path, &key, &t.size(), rows)?;
                     parts.push(t);
                 }
-                let t = if parts.len() == 1 {
-                    parts.pop().expect("one part")
-                } else {
-                    Tensor::cat(&parts, 0)
-                };
-                let t = if r.swap_halves { swap_halves(&t) } else { t };
-                out.insert(format!("{}.{op}", r.original), t);
+                out.insert(format!("{}.{op}", r.original), fuse(parts, r.swap_halves));
             }
         }
         Ok(StateDict::from_tensors(path, out))
@@ -298,6 +275,108 @@ impl FluxKeyMap {
     }
 }
 
+impl FluxKeyMap {
+    /// Loads a diffusers-layout checkpoint into a [`FluxTransformer`](crate::FluxTransformer)'s
+    /// `VarStore` (and, over a quantized base, the slots of `quant`) one original tensor at a
+    /// time: the parts of a fused projection are read, concatenated, written (or quantized) and
+    /// dropped before the next module is read. FLUX.1's 24 GB diffusers transformer thus loads
+    /// into its float8 form with at most one fused weight (a single block's `linear1`, 132 MB
+    /// in bf16) in flight, where [`FluxKeyMap::to_original`] needs the whole model in memory.
+    ///
+    /// Every key, row count and shape is checked from the headers before anything is read.
+    ///
+    /// # Errors
+    /// [`Error::File`] listing missing and unexpected diffusers keys, or the model keys the
+    /// map does not produce; [`Error::Shape`] naming a part or a fused weight of the wrong
+    /// shape; [`Error::Io`] on read errors.
+    pub fn stream_into(
+        &self,
+        src: &LazyTensors,
+        vs: &VarStore,
+        quant: Option<&QuantStore>,
+    ) -> Result<()> {
+        let path = src.path();
+        check_keys(path, self.diffusers_keys().iter().map(String::as_str), src.keys())?;
+        let sink = ModelSink::new(path, vs, quant);
+        let originals: Vec<String> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.params().into_iter().map(move |(op, _)| format!("{}.{op}", r.original)))
+            .collect();
+        check_keys(
+            path,
+            sink.keys().iter().map(String::as_str),
+            originals.iter().map(String::as_str),
+        )?;
+        // Shapes from the headers: each part's rows, then the fused weight against the model.
+        for r in &self.rules {
+            for (op, dp) in r.params() {
+                let mut fused: Option<Vec<i64>> = None;
+                for (d, &rows) in r.diffusers.iter().zip(&r.rows) {
+                    let key = format!("{d}.{dp}");
+                    let actual = src.shape(&key).unwrap_or_default().to_vec();
+                    check_rows(path, &key, &actual, rows)?;
+                    match &mut fused {
+                        None => fused = Some(actual),
+                        Some(f) => f[0] += rows,
+                    }
+                }
+                sink.check(&format!("{}.{op}", r.original), &fused.unwrap_or_default())?;
+            }
+        }
+        for r in &self.rules {
+            for (op, dp) in r.params() {
+                let parts = r
+                    .diffusers
+                    .iter()
+                    .map(|d| src.read(&format!("{d}.{dp}")))
+                    .collect::<Result<Vec<_>>>()?;
+                sink.put(&format!("{}.{op}", r.original), &fuse(parts, r.swap_halves))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every diffusers key the architecture has.
+    fn diffusers_keys(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .flat_map(|r| {
+                r.params()
+                    .into_iter()
+                    .flat_map(move |(_, dp)| r.diffusers.iter().map(move |d| format!("{d}.{dp}")))
+            })
+            .collect()
+    }
+}
+
+/// Errors unless a part `key` of shape `actual` has `rows` rows.
+fn check_rows(path: &Path, key: &str, actual: &[i64], rows: i64) -> Result<()> {
+    if actual.first() == Some(&rows) {
+        return Ok(());
+    }
+    let mut expected = actual.to_vec();
+    if let Some(first) = expected.first_mut() {
+        *first = rows;
+    }
+    Err(Error::Shape {
+        name: format!("{}: {key}", path.display()),
+        expected,
+        actual: actual.to_vec(),
+    })
+}
+
+/// The original tensor from its diffusers parts, in order (swapping halves for the final
+/// modulation).
+fn fuse(mut parts: Vec<Tensor>, swap: bool) -> Tensor {
+    let t = if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 0) };
+    if swap {
+        swap_halves(&t)
+    } else {
+        t
+    }
+}
+
 /// `[a; b] → [b; a]` along the rows.
 fn swap_halves(t: &Tensor) -> Tensor {
     let halves = t.chunk(2, 0);
@@ -326,18 +405,33 @@ pub fn read_flux_single_file(path: impl AsRef<Path>) -> Result<StateDict> {
 
 /// Reads a diffusers `transformer/` folder (`config.json` and
 /// `diffusion_pytorch_model.safetensors`, or the shards its `.safetensors.index.json` lists)
-/// and converts the weights to the original layout through [`FluxKeyMap`].
+/// and converts the weights to the original layout through [`FluxKeyMap`]. For a model too
+/// large to hold twice, [`open_flux_diffusers`] and [`FluxKeyMap::stream_into`] load it
+/// tensor by tensor instead.
 ///
 /// # Errors
-/// As [`FluxConfig::from_diffusers_json`], [`StateDict::read`] and
-/// [`FluxKeyMap::to_original`]; [`Error::File`] when there are no weights or the index is
-/// malformed.
+/// As [`open_flux_diffusers`] and [`FluxKeyMap::to_original`].
 pub fn read_flux_diffusers(dir: impl AsRef<Path>) -> Result<(FluxConfig, StateDict)> {
+    let (cfg, src) = open_flux_diffusers(dir)?;
+    let tensors =
+        src.keys().map(|k| Ok((k.to_owned(), src.read(k)?))).collect::<Result<Vec<_>>>()?;
+    let sd = FluxKeyMap::new(&cfg).to_original(StateDict::from_tensors(src.path(), tensors))?;
+    Ok((cfg, sd))
+}
+
+/// The config and the (unread) weights of a diffusers `transformer/` folder: `config.json`
+/// and `diffusion_pytorch_model.safetensors`, or the shards its `.safetensors.index.json`
+/// lists, in diffusers' layout; load them with [`FluxKeyMap::stream_into`].
+///
+/// # Errors
+/// As [`FluxConfig::from_diffusers_json`] and [`LazyTensors::open_shards`]; [`Error::File`]
+/// when there are no weights or the index is malformed.
+pub fn open_flux_diffusers(dir: impl AsRef<Path>) -> Result<(FluxConfig, LazyTensors)> {
     let dir = dir.as_ref();
     let cfg = FluxConfig::from_diffusers_json(dir.join("config.json"))?;
     let single = dir.join("diffusion_pytorch_model.safetensors");
-    let sd = if single.is_file() {
-        StateDict::read(&single)?
+    let files = if single.is_file() {
+        vec![single]
     } else {
         let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
         if !index.is_file() {
@@ -347,14 +441,9 @@ pub fn read_flux_diffusers(dir: impl AsRef<Path>) -> Result<(FluxConfig, StateDi
                     .into(),
             });
         }
-        let mut tensors = BTreeMap::new();
-        for shard in shards(&index)? {
-            tensors.extend(StateDict::read(dir.join(shard))?.into_tensors());
-        }
-        StateDict::from_tensors(dir.to_path_buf(), tensors)
+        shards(&index)?.into_iter().map(|f| dir.join(f)).collect()
     };
-    let sd = FluxKeyMap::new(&cfg).to_original(sd)?;
-    Ok((cfg, sd))
+    Ok((cfg, LazyTensors::open_shards(dir, &files)?))
 }
 
 /// The shard file names a safetensors index lists, sorted and deduplicated.

@@ -121,8 +121,42 @@ impl FluxTransformer {
         guidance: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
+        self.forward_masked(img, img_ids, txt, txt_ids, timesteps, y, guidance, None, train)
+    }
+
+    /// [`FluxTransformer::forward`] with the text tokens' padding mask (kohya's
+    /// `apply_t5_attn_mask`, sd-scripts `flux_models.py`): padded text tokens are hidden as
+    /// keys from every query in every block, image tokens always visible. Padded positions
+    /// still get (unused) outputs. `None` attends to everything, as BFL and diffusers do.
+    ///
+    /// # Shapes
+    /// As [`FluxTransformer::forward`]; `txt_mask: [b, n_txt]` (1 / `true` = token, 0 =
+    /// padding; any numeric or bool kind).
+    ///
+    /// # Panics
+    /// As [`FluxTransformer::forward`], and when the mask's shape is not `[b, n_txt]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_masked(
+        &self,
+        img: &Tensor,
+        img_ids: &Tensor,
+        txt: &Tensor,
+        txt_ids: &Tensor,
+        timesteps: &Tensor,
+        y: &Tensor,
+        guidance: Option<&Tensor>,
+        txt_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let (b, n_img, c) = dims3(img, "FluxTransformer img");
         let (_, n_txt, _) = dims3(txt, "FluxTransformer txt");
+        // Keys `[txt_mask, ones(n_img)]` as `[b, 1, 1, n]`, broadcast over heads and queries.
+        let mask = txt_mask.map(|m| {
+            assert_eq!(m.size(), [b, n_txt], "FluxTransformer txt_mask for {b} x {n_txt} tokens");
+            let m = m.to_device(img.device()).ne(0);
+            let ones = Tensor::ones([b, n_img], (tch::Kind::Bool, img.device()));
+            Tensor::cat(&[m, ones], 1).view([b, 1, 1, n_txt + n_img])
+        });
         let cfg = &self.config;
         assert_eq!(c, cfg.in_channels, "FluxTransformer: img has {c} features per token");
         let kind = img.kind();
@@ -155,10 +189,11 @@ impl FluxTransformer {
         let (mut img, mut txt) = (img, txt);
         for block in &self.double_blocks {
             let block = Arc::clone(block);
+            let mask = mask.as_ref().map(Tensor::shallow_clone);
             // The node returns one tensor: `[txt, img]` along the sequence, split after.
             let both = ckpt.run(&[&img, &txt, &vec, &pe.cos, &pe.sin], move |t| {
                 let pe = Rope { cos: t[3].shallow_clone(), sin: t[4].shallow_clone() };
-                let (img, txt) = block.forward(&t[0], &t[1], &t[2], &pe, train);
+                let (img, txt) = block.forward(&t[0], &t[1], &t[2], &pe, mask.as_ref(), train);
                 Tensor::cat(&[txt, img], 1)
             });
             txt = both.narrow(1, 0, n_txt);
@@ -167,9 +202,10 @@ impl FluxTransformer {
         let mut xs = Tensor::cat(&[txt, img], 1);
         for block in &self.single_blocks {
             let block = Arc::clone(block);
+            let mask = mask.as_ref().map(Tensor::shallow_clone);
             xs = ckpt.run(&[&xs, &vec, &pe.cos, &pe.sin], move |t| {
                 let pe = Rope { cos: t[2].shallow_clone(), sin: t[3].shallow_clone() };
-                block.forward(&t[0], &t[1], &pe, train)
+                block.forward(&t[0], &t[1], &pe, mask.as_ref(), train)
             });
         }
         let img = xs.narrow(1, n_txt, n_img);
