@@ -95,6 +95,86 @@ impl LazyTensors {
         Ok(Self { name: name.as_ref().to_path_buf(), files: shards.to_vec(), entries })
     }
 
+    /// Opens `<dir>/<stem>.safetensors`, or else the shards `<dir>/<stem>.safetensors.index.json`
+    /// lists (transformers' and diffusers' `save_pretrained` layouts: `model`,
+    /// `diffusion_pytorch_model`).
+    ///
+    /// # Errors
+    /// As [`LazyTensors::open_shards`]; [`Error::File`] when neither file exists or the index
+    /// is malformed.
+    pub fn open_pretrained(dir: impl AsRef<Path>, stem: &str) -> Result<Self> {
+        let dir = dir.as_ref();
+        let single = dir.join(format!("{stem}.safetensors"));
+        if single.is_file() {
+            return Self::open_shards(dir, &[single]);
+        }
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if !index.is_file() {
+            return Err(Error::File {
+                path: dir.to_path_buf(),
+                reason: format!("no `{stem}.safetensors` or `{stem}.safetensors.index.json`"),
+            });
+        }
+        let shards: Vec<PathBuf> = shard_names(&index)?.into_iter().map(|f| dir.join(f)).collect();
+        Self::open_shards(dir, &shards)
+    }
+
+    /// Renames the keys through `rename` (`None` drops a key) without reading anything.
+    ///
+    /// # Errors
+    /// [`Error::File`] naming two keys renamed to the same one.
+    pub fn renamed(self, rename: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut entries = BTreeMap::new();
+        let mut from: BTreeMap<String, String> = BTreeMap::new();
+        for (key, e) in self.entries {
+            let Some(new) = rename(&key) else { continue };
+            if let Some(other) = from.insert(new.clone(), key.clone()) {
+                return Err(Error::File {
+                    path: self.name,
+                    reason: format!("`{other}` and `{key}` both become `{new}`"),
+                });
+            }
+            entries.insert(new, e);
+        }
+        Ok(Self { entries, ..self })
+    }
+
+    /// Every tensor, read ([`LazyTensors::read`]) into a [`StateDict`].
+    ///
+    /// # Errors
+    /// As [`LazyTensors::read`].
+    pub fn read_all(&self) -> Result<StateDict> {
+        let tensors =
+            self.keys().map(|k| Ok((k.to_owned(), self.read(k)?))).collect::<Result<Vec<_>>>()?;
+        Ok(StateDict::from_tensors(&self.name, tensors))
+    }
+
+    /// Loads every tensor into the same-named variable of `vs` (converting its kind) or, for
+    /// a model over a quantized base, the same-named slot of `quant`, one tensor in memory at
+    /// a time, in file order.
+    ///
+    /// Keys and shapes are checked from the headers first, so nothing is written when the
+    /// checkpoint does not fit the model.
+    ///
+    /// # Errors
+    /// [`Error::File`] listing the missing and unexpected keys; [`Error::Shape`] naming the
+    /// key and both shapes; [`Error::Io`] on read errors.
+    pub fn stream_into(&self, vs: &VarStore, quant: Option<&QuantStore>) -> Result<()> {
+        let sink = ModelSink::new(&self.name, vs, quant);
+        crate::weights::check_keys(
+            &self.name,
+            sink.keys().iter().map(String::as_str),
+            self.keys(),
+        )?;
+        for (key, e) in &self.entries {
+            sink.check(key, &e.shape)?;
+        }
+        for key in self.keys_in_file_order() {
+            sink.put(key, &self.read(key)?)?;
+        }
+        Ok(())
+    }
+
     /// The checkpoint's name in errors.
     pub fn path(&self) -> &Path {
         &self.name
@@ -146,7 +226,7 @@ impl LazyTensors {
 
     /// The keys in file order (shard, then offset): reading in this order reads each file
     /// front to back.
-    pub(crate) fn keys_in_file_order(&self) -> Vec<&str> {
+    fn keys_in_file_order(&self) -> Vec<&str> {
         let mut keys: Vec<(&str, &Entry)> =
             self.entries.iter().map(|(k, e)| (k.as_str(), e)).collect();
         keys.sort_by_key(|(_, e)| (e.file, e.start));
@@ -206,6 +286,30 @@ impl<'a> ModelSink<'a> {
     }
 }
 
+/// The shard file names a safetensors index lists (its `weight_map` values), sorted, each
+/// once; names with a path separator are refused.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let bad = |reason: String| Error::File { path: index.to_path_buf(), reason };
+    let text = std::fs::read_to_string(index)
+        .map_err(|source| Error::Io { path: index.to_path_buf(), source })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(serde_json::Value::as_object)
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let names: std::collections::BTreeSet<String> = map
+        .values()
+        .map(|f| {
+            f.as_str()
+                .filter(|s| !s.contains('/') && !s.contains('\\'))
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("`weight_map`: bad file name {f}")))
+        })
+        .collect::<Result<_>>()?;
+    Ok(names.into_iter().collect())
+}
+
 /// Opens a safetensors file and parses its header: the open file, the header, and the offset
 /// of the data section.
 fn read_header(path: &Path) -> Result<(std::fs::File, Metadata, u64)> {
@@ -243,4 +347,54 @@ pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::F8_E5M2 => Kind::Float8e5m2,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn write(path: &Path, keys: &[&str]) {
+        let t = |i: usize| Tensor::from_slice(&[i as f32, 1.0, 2.0]).view([3, 1]);
+        let pairs: Vec<(String, Tensor)> =
+            keys.iter().enumerate().map(|(i, k)| ((*k).to_owned(), t(i))).collect();
+        Tensor::write_safetensors(&pairs, path).unwrap();
+    }
+
+    #[test]
+    fn reads_on_demand_and_refuses_ambiguity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+        write(&a, &["x", "y"]);
+        write(&b, &["z"]);
+        let lazy = LazyTensors::open_shards(dir.path(), &[a.clone(), b.clone()]).unwrap();
+        assert_eq!(lazy.keys().collect::<Vec<_>>(), ["x", "y", "z"]);
+        assert_eq!(lazy.shape("y"), Some(&[3i64, 1][..]));
+        let y = lazy.read("y").unwrap();
+        assert!(y.equal(&Tensor::from_slice(&[1.0f32, 1.0, 2.0]).view([3, 1])));
+        assert_eq!(lazy.shapes().get("z").unwrap().stride(), [0, 0], "a stand-in");
+        let err = lazy.read("w").unwrap_err().to_string();
+        assert!(err.contains("no tensor `w`"), "{err}");
+
+        // Renaming: dropped keys vanish, two keys onto one is an error naming both.
+        let lazy = lazy.renamed(|k| (k != "z").then(|| format!("m.{k}"))).unwrap();
+        assert_eq!(lazy.keys().collect::<Vec<_>>(), ["m.x", "m.y"]);
+        assert!(lazy.read("m.x").unwrap().equal(&read_whole(&a, "x")));
+        let err = lazy.renamed(|_| Some("k".into())).unwrap_err().to_string();
+        assert!(err.contains("`m.x` and `m.y` both become `k`"), "{err}");
+
+        // A key in two shards.
+        write(&b, &["y"]);
+        let err = LazyTensors::open_shards(dir.path(), &[a, b]).unwrap_err().to_string();
+        assert!(err.contains("tensor `y` is also in") && err.contains("a.safetensors"), "{err}");
+        // Not safetensors.
+        let junk = dir.path().join("junk.safetensors");
+        std::fs::write(&junk, b"hello").unwrap();
+        assert!(LazyTensors::open(&junk).unwrap_err().to_string().contains("not safetensors"));
+    }
+
+    fn read_whole(path: &Path, key: &str) -> Tensor {
+        let sd = StateDict::read(path).unwrap();
+        sd.get(key).unwrap().to_device(Device::Cpu)
+    }
 }

@@ -92,7 +92,7 @@ pub use sdxl::pipeline::StableDiffusionXL;
 pub use sdxl::single_file::SdxlSingleFile;
 pub use sdxl::unet::SdxlUNet;
 pub use t5::config::{T5Activation, T5Config};
-pub use t5::files::read_t5_encoder_weights;
+pub use t5::files::{open_t5_encoder_weights, read_t5_encoder_weights};
 pub use t5::model::T5EncoderModel;
 pub use t5::tokenizer::{T5Tokenizer, T5Tokens, T5_MAX_LENGTH_DEV, T5_MAX_LENGTH_SCHNELL};
 pub use weights::StateDict;

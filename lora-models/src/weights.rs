@@ -22,7 +22,7 @@ use lora_core::quant::QuantStore;
 use safetensors::SafeTensors;
 use tch::{nn::VarStore, Tensor};
 
-use crate::lazy::{kind_of, LazyTensors, ModelSink};
+use crate::lazy::{kind_of, LazyTensors};
 use crate::{Error, Result};
 
 /// How many keys an error message lists before it only counts the rest.
@@ -165,18 +165,7 @@ impl StateDict {
         vs: &VarStore,
         quant: Option<&QuantStore>,
     ) -> Result<()> {
-        let path = path.as_ref();
-        let src = LazyTensors::open(path)?;
-        let sink = ModelSink::new(path, vs, quant);
-        check_keys(path, sink.keys().iter().map(String::as_str), src.keys())?;
-        // Header checks before any write.
-        for key in src.keys() {
-            sink.check(key, src.shape(key).unwrap_or_default())?;
-        }
-        for key in src.keys_in_file_order() {
-            sink.put(key, &src.read(key)?)?;
-        }
-        Ok(())
+        LazyTensors::open(path)?.stream_into(vs, quant)
     }
 }
 

@@ -142,3 +142,62 @@ fn encoder_bf16_is_close() {
     assert_eq!(out.kind(), Kind::BFloat16);
     check_close("t5 bf16", &out, &get(&io, "hidden_masked"), 5e-2);
 }
+
+/// T5 streamed tensor by tensor (`open_t5_encoder_weights` + `LazyTensors::stream_into`), from
+/// the transformers folder and from a single file carrying the tied `encoder.embed_tokens`
+/// alias and decoder weights (as full `T5ForConditionalGeneration` files do): the same
+/// variables as the whole read, plain and into a float8 base (equal to filling the same base
+/// from the whole read).
+#[test]
+fn encoder_streams_into_plain_and_float8_bases() {
+    use lora_core::{ModelPart, QuantConfig, QuantFormat, QuantLayers};
+    use lora_models::open_t5_encoder_weights;
+    use tch::Tensor;
+    let folder = fixture("t5/text_encoder");
+    let cfg = T5Config::from_transformers_json(folder.join("config.json")).unwrap();
+    let whole = read_t5_encoder_weights(&folder).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t5xxl_tiny.safetensors");
+    let mut pairs: Vec<(String, Tensor)> = whole
+        .keys()
+        .map(|k| {
+            let key = if k == "shared.weight" { "encoder.embed_tokens.weight" } else { k };
+            (key.to_owned(), whole.get(k).unwrap().shallow_clone())
+        })
+        .collect();
+    pairs.push((
+        "decoder.final_layer_norm.weight".into(),
+        Tensor::ones([32], (Kind::Float, Device::Cpu)),
+    ));
+    Tensor::write_safetensors(&pairs, &file).unwrap();
+    for src in [folder.as_path(), file.as_path()] {
+        let lazy = open_t5_encoder_weights(src).unwrap();
+        assert_eq!(lazy.keys().collect::<Vec<_>>(), whole.keys().collect::<Vec<_>>());
+        let vs = VarStore::new(Device::Cpu);
+        let _m = T5EncoderModel::new(vs.root(), &cfg, &PlainLayers).unwrap();
+        lazy.stream_into(&vs, None).unwrap();
+        for (k, v) in vs.variables() {
+            assert!(v.equal(&whole.get(&k).unwrap().to_kind(v.kind())), "{}: {k}", src.display());
+        }
+        let build = || {
+            let q = QuantConfig::new(QuantFormat::Fp8E4m3fn).with_parts([ModelPart::Te3]);
+            let q = q.build().unwrap();
+            let vs = VarStore::new(Device::Cpu);
+            let m = T5EncoderModel::new(vs.root(), &cfg, &QuantLayers::new(&q, ModelPart::Te3));
+            (m.unwrap(), vs, q)
+        };
+        let (streamed, vs1, q1) = build();
+        lazy.stream_into(&vs1, Some(q1.store())).unwrap();
+        let (loaded, vs2, q2) = build();
+        whole.load_into_quantized(&vs2, q2.store()).unwrap();
+        assert!(q1.store().len() > 4);
+        let ids = Tensor::from_slice(&[3i64, 7, 11, 1]).view([1, 4]);
+        let (a, b) = tch::no_grad(|| {
+            (
+                streamed.forward(&ids, None, false).unwrap(),
+                loaded.forward(&ids, None, false).unwrap(),
+            )
+        });
+        assert!(a.equal(&b), "{}: streamed and whole float8 encoders differ", src.display());
+    }
+}

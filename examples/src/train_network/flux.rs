@@ -16,7 +16,7 @@ use lora_loss::{FlowEulerSampler, Sampler};
 use lora_models::flux_lora::{flux_text_encoder_targets, FluxLoraTargets};
 use lora_models::keys::clip_key;
 use lora_models::{
-    open_flux_diffusers, read_flux_single_file, read_t5_encoder_weights, vae_from_ldm,
+    open_flux_diffusers, open_t5_encoder_weights, read_flux_single_file, vae_from_ldm,
     AutoencoderKL, Checkpointing, ClipActivation, ClipTextConfig, ClipTextModel, ClipTokenizer,
     DiffusersFolder, Flux, FluxCond, FluxConfig, FluxKeyMap, LazyTensors, StateDict, T5Config,
     T5EncoderModel, T5Tokenizer, VaeConfig, T5_MAX_LENGTH_DEV, T5_MAX_LENGTH_SCHNELL,
@@ -97,6 +97,9 @@ pub struct Weights {
     /// Where to stream the transformer from, one tensor at a time, while building (the
     /// transformer's weights are then `None`): the 24 GB checkpoint is never held whole.
     pub transformer_stream: Option<TransformerStream>,
+    /// T5's weights (keys normalised), likewise streamed while building (T5's weights are
+    /// then `None`).
+    pub t5_stream: Option<LazyTensors>,
 }
 
 /// A transformer checkpoint loaded tensor by tensor while the model is built.
@@ -133,6 +136,7 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
             t5_tokenizer: tok,
             demo_dir: Some(dir),
             transformer_stream: None,
+            t5_stream: None,
         });
     };
     if path.is_dir() {
@@ -146,10 +150,11 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
             transformer: (fc, None),
             vae: (vc, Some(vs)),
             clip: (cc, Some(cs)),
-            t5: (tc, Some(ts)),
+            t5: (tc, None),
             t5_tokenizer: tok,
             demo_dir: None,
             transformer_stream: Some(TransformerStream::Diffusers(lazy)),
+            t5_stream: Some(ts),
         });
     }
     let need = |key: &str, v: &Option<PathBuf>| -> Result<PathBuf> {
@@ -205,8 +210,9 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
     let (tc, ts) = if t5_p.is_dir() {
         read_t5_dir(&t5_p)?
     } else {
-        let ts = read_t5_encoder_weights(&t5_p)?;
-        (infer_t5_config(&ts).with_context(|| format!("`t5xxl` = {}", t5_p.display()))?, ts)
+        let ts = open_t5_encoder_weights(&t5_p)?;
+        let cfg = infer_t5_config(&ts.shapes());
+        (cfg.with_context(|| format!("`t5xxl` = {}", t5_p.display()))?, ts)
     };
     let tok_dir = if t5_p.is_dir() {
         t5_p.clone()
@@ -221,10 +227,11 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
     })?;
     Ok(Weights {
         transformer_stream: fs.is_none().then(|| TransformerStream::SingleFile(path.clone())),
+        t5_stream: Some(ts),
         transformer: (fc, fs),
         vae: (vc, Some(vs)),
         clip: (cc, Some(cs)),
-        t5: (tc, Some(ts)),
+        t5: (tc, None),
         t5_tokenizer: tok,
         demo_dir: None,
     })
@@ -265,7 +272,7 @@ fn check_clip_l(sd: &StateDict) -> Result<ClipTextConfig> {
 }
 
 /// T5's architecture from the shapes of its encoder weights (keys as
-/// [`read_t5_encoder_weights`] returns them), for a config-less `t5xxl` single file: the
+/// [`open_t5_encoder_weights`] names them), for a config-less `t5xxl` single file: the
 /// vocabulary and width from `shared`, heads and buckets from block 0's relative attention
 /// bias (`[buckets, heads]`), the head width from `q` (`[heads · d_kv, d_model]`), the
 /// feed-forward width from `wi_0`, the depth from the block count. What the weights cannot
@@ -321,10 +328,10 @@ fn count_blocks(sd: &StateDict, prefix: &str) -> i64 {
         .map_or(0, |m| m + 1)
 }
 
-/// A transformers T5 folder: `config.json` and its safetensors.
-fn read_t5_dir(dir: &Path) -> Result<(T5Config, StateDict)> {
+/// A transformers T5 folder: `config.json` and its (unread) safetensors.
+fn read_t5_dir(dir: &Path) -> Result<(T5Config, LazyTensors)> {
     let cfg = T5Config::from_transformers_json(dir.join("config.json"))?;
-    Ok((cfg, read_t5_encoder_weights(dir)?))
+    Ok((cfg, open_t5_encoder_weights(dir)?))
 }
 
 /// The LoRA configs of (transformer, CLIP-L, T5) from kohya's FLUX network arguments
@@ -557,22 +564,27 @@ pub fn build(
         ("text_encoder_2", &w.t5.1, inj.t5_quant.as_ref()),
     ];
     for (i, ((name, sd, q), vs)) in parts.into_iter().zip(&stores).enumerate() {
-        match (&w.transformer_stream, i) {
-            (Some(stream), 0) => {
-                if let Some(q) = q {
-                    q.finish()?;
-                }
-                let store = q.map(QuantBase::store);
-                match stream {
-                    TransformerStream::SingleFile(file) => StateDict::stream_into(file, vs, store),
-                    TransformerStream::Diffusers(src) => {
-                        FluxKeyMap::new(&w.transformer.0).stream_into(src, vs, store)
-                    }
-                }
-                .with_context(|| "streaming the transformer's weights into the model")?;
+        // A quantized base is complete (its slots laid out) before it is filled.
+        let quant = || -> Result<_> {
+            if let Some(q) = q {
+                q.finish()?;
             }
-            _ => load_or_save_quant(name, vs, q, sd.as_ref(), w.demo_dir.as_deref())?,
+            Ok(q.map(QuantBase::store))
+        };
+        match (i, &w.transformer_stream, &w.t5_stream) {
+            (0, Some(TransformerStream::SingleFile(file)), _) => {
+                StateDict::stream_into(file, vs, quant()?)
+            }
+            (0, Some(TransformerStream::Diffusers(src)), _) => {
+                FluxKeyMap::new(&w.transformer.0).stream_into(src, vs, quant()?)
+            }
+            (3, _, Some(src)) => src.stream_into(vs, quant()?),
+            _ => {
+                load_or_save_quant(name, vs, q, sd.as_ref(), w.demo_dir.as_deref())?;
+                continue;
+            }
         }
+        .with_context(|| format!("streaming the {name}'s weights into the model"))?;
     }
     for vs in &mut stores {
         vs.freeze();

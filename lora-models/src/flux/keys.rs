@@ -12,7 +12,7 @@
 //! rules convert LoRA files between kohya's names and diffusers / PEFT names.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use lora_core::quant::QuantStore;
 use tch::nn::VarStore;
@@ -413,9 +413,7 @@ pub fn read_flux_single_file(path: impl AsRef<Path>) -> Result<StateDict> {
 /// As [`open_flux_diffusers`] and [`FluxKeyMap::to_original`].
 pub fn read_flux_diffusers(dir: impl AsRef<Path>) -> Result<(FluxConfig, StateDict)> {
     let (cfg, src) = open_flux_diffusers(dir)?;
-    let tensors =
-        src.keys().map(|k| Ok((k.to_owned(), src.read(k)?))).collect::<Result<Vec<_>>>()?;
-    let sd = FluxKeyMap::new(&cfg).to_original(StateDict::from_tensors(src.path(), tensors))?;
+    let sd = FluxKeyMap::new(&cfg).to_original(src.read_all()?)?;
     Ok((cfg, sd))
 }
 
@@ -424,48 +422,11 @@ pub fn read_flux_diffusers(dir: impl AsRef<Path>) -> Result<(FluxConfig, StateDi
 /// lists, in diffusers' layout; load them with [`FluxKeyMap::stream_into`].
 ///
 /// # Errors
-/// As [`FluxConfig::from_diffusers_json`] and [`LazyTensors::open_shards`]; [`Error::File`]
-/// when there are no weights or the index is malformed.
+/// As [`FluxConfig::from_diffusers_json`] and [`LazyTensors::open_pretrained`].
 pub fn open_flux_diffusers(dir: impl AsRef<Path>) -> Result<(FluxConfig, LazyTensors)> {
     let dir = dir.as_ref();
     let cfg = FluxConfig::from_diffusers_json(dir.join("config.json"))?;
-    let single = dir.join("diffusion_pytorch_model.safetensors");
-    let files = if single.is_file() {
-        vec![single]
-    } else {
-        let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
-        if !index.is_file() {
-            return Err(Error::File {
-                path: dir.to_path_buf(),
-                reason: "no `diffusion_pytorch_model.safetensors` or `.safetensors.index.json`"
-                    .into(),
-            });
-        }
-        shards(&index)?.into_iter().map(|f| dir.join(f)).collect()
-    };
-    Ok((cfg, LazyTensors::open_shards(dir, &files)?))
-}
-
-/// The shard file names a safetensors index lists, sorted and deduplicated.
-fn shards(index: &Path) -> Result<Vec<PathBuf>> {
-    let err = |reason: String| Error::File { path: index.to_path_buf(), reason };
-    let text = std::fs::read_to_string(index)
-        .map_err(|source| Error::Io { path: index.to_path_buf(), source })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| err(format!("bad JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(serde_json::Value::as_object)
-        .ok_or_else(|| err("no `weight_map` object".into()))?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .map(|f| {
-            f.as_str().map(PathBuf::from).ok_or_else(|| err(format!("shard {f} is not a string")))
-        })
-        .collect::<Result<_>>()?;
-    files.sort();
-    files.dedup();
-    Ok(files)
+    Ok((cfg, LazyTensors::open_pretrained(dir, "diffusion_pytorch_model")?))
 }
 
 impl DiffusersFolder {

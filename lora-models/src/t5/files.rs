@@ -1,12 +1,10 @@
 //! Reading T5 encoder weights from a single file or a transformers folder (sharded or not).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use tch::Tensor;
-
+use crate::lazy::LazyTensors;
 use crate::weights::StateDict;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The tied alias of `shared.weight` that some files carry instead of, or next to, it.
 const EMBED_TOKENS: &str = "encoder.embed_tokens.weight";
@@ -26,63 +24,37 @@ const EMBED_TOKENS: &str = "encoder.embed_tokens.weight";
 /// [`Error::Io`] / [`Error::File`] when a file is missing or malformed, or the folder has
 /// neither weights file.
 pub fn read_t5_encoder_weights(path: impl AsRef<Path>) -> Result<StateDict> {
+    open_t5_encoder_weights(path)?.read_all()
+}
+
+/// [`read_t5_encoder_weights`] without reading: the normalised keys over the files, to load
+/// tensor by tensor with [`LazyTensors::stream_into`] (T5-XXL is 9.5 GB in bf16; streamed into
+/// a float8 base it never exists in full precision).
+///
+/// # Errors
+/// As [`read_t5_encoder_weights`].
+pub fn open_t5_encoder_weights(path: impl AsRef<Path>) -> Result<LazyTensors> {
     let path = path.as_ref();
-    let mut tensors = BTreeMap::new();
-    if path.is_dir() {
-        let single = path.join("model.safetensors");
-        let index = path.join("model.safetensors.index.json");
-        if single.is_file() {
-            tensors = StateDict::read(&single)?.into_tensors();
-        } else if index.is_file() {
-            for shard in shard_files(&index)? {
-                tensors.extend(StateDict::read(path.join(shard))?.into_tensors());
-            }
-        } else {
-            return Err(Error::File {
-                path: path.to_path_buf(),
-                reason: "no `model.safetensors` or `model.safetensors.index.json`".into(),
-            });
-        }
+    let src = if path.is_dir() {
+        LazyTensors::open_pretrained(path, "model")?
     } else {
-        tensors = StateDict::read(path)?.into_tensors();
-    }
-    Ok(StateDict::from_tensors(path, normalize_keys(tensors)))
-}
-
-/// The shard file names of a transformers `model.safetensors.index.json` (its `weight_map`
-/// values), each once.
-fn shard_files(index: &Path) -> Result<BTreeSet<String>> {
-    let bad = |reason: String| Error::File { path: index.to_path_buf(), reason };
-    let text = std::fs::read_to_string(index)
-        .map_err(|source| Error::Io { path: index.into(), source })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("bad JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no `weight_map` object".into()))?;
-    map.values()
-        .map(|f| {
-            f.as_str()
-                .filter(|s| !s.contains('/') && !s.contains('\\'))
-                .map(str::to_string)
-                .ok_or_else(|| bad(format!("`weight_map`: bad file name {f}")))
-        })
-        .collect()
-}
-
-fn normalize_keys(mut tensors: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
-    if let Some(t) = tensors.remove(EMBED_TOKENS) {
-        tensors.entry("shared.weight".into()).or_insert(t);
-    }
-    tensors.retain(|k, _| !k.starts_with("decoder.") && !k.starts_with("lm_head."));
-    tensors
+        LazyTensors::open(path)?
+    };
+    // The tied alias is the embedding only when the file has no `shared.weight`.
+    let alias = src.shape("shared.weight").is_none();
+    src.renamed(|k| {
+        if k == EMBED_TOKENS {
+            return alias.then(|| "shared.weight".to_string());
+        }
+        (!k.starts_with("decoder.") && !k.starts_with("lm_head.")).then(|| k.to_string())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
+    use crate::Error;
+    use tch::{Device, Kind, Tensor};
 
     #[test]
     fn reads_sharded_folder_and_normalizes_keys() {
