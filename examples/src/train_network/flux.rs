@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use lora_core::{
-    Injector, LayerFactory, LoraConfig, ModelPart, PlainLayers, QuantBase, QuantConfig,
-    QuantFormat, QuantLayers,
+    Injector, LayerFactory, LoraConfig, ModelPart, PlainLayers, QuantBase, QuantLayers,
 };
 use lora_loss::{FlowEulerSampler, Sampler};
 use lora_models::flux_lora::{flux_text_encoder_targets, FluxLoraTargets};
@@ -25,6 +24,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::args::{kv_list, TrainArgs};
+use super::base_quant::{factory, fp8_base, over_base};
 use super::model::{base_dtype, load_or_save_quant, read_if_present};
 use super::pipeline::SamplingModel;
 use super::sample::SamplePrompt;
@@ -412,22 +412,6 @@ pub fn lora_configs(
     Ok((unet, clip, t5))
 }
 
-/// The float8 base of `part` under kohya's `fp8_base` (transformer and T5) / `fp8_base_unet`
-/// (transformer only); CLIP-L stays unquantized as in kohya.
-///
-/// # Errors
-/// Never for these fixed configs (kept fallible as [`QuantConfig::build`]).
-pub fn fp8_base(a: &TrainArgs, part: ModelPart) -> Result<Option<QuantBase>> {
-    let on = match part {
-        ModelPart::Unet => a.fp8_base || a.fp8_base_unet,
-        ModelPart::Te3 => a.fp8_base && !a.fp8_base_unet,
-        _ => false,
-    };
-    Ok(on
-        .then(|| QuantConfig::new(QuantFormat::Fp8E4m3fn).with_parts([part]).build())
-        .transpose()?)
-}
-
 /// The injectors of a FLUX run (`None`: that part is not trained) and the float8 bases of the
 /// transformer and T5 (`None`: unquantized).
 #[derive(Debug)]
@@ -476,7 +460,7 @@ impl<'a> Injectors<'a> {
     /// for (a LoRA file's own injectors, `Injector::from_modules`, go through here too).
     ///
     /// # Errors
-    /// As [`fp8_base`].
+    /// As [`fp8_base`](super::base_quant::fp8_base).
     pub fn assemble(
         transformer: Option<Injector<'a>>,
         clip: Option<Injector<'a>>,
@@ -484,14 +468,10 @@ impl<'a> Injectors<'a> {
         a: &TrainArgs,
     ) -> Result<Self> {
         let (tq, t5q) = (fp8_base(a, ModelPart::Unet)?, fp8_base(a, ModelPart::Te3)?);
-        let over = |i: Option<Injector<'a>>, q: &Option<QuantBase>| match (i, q) {
-            (Some(i), Some(q)) => Some(i.with_quantized_base(q)),
-            (i, _) => i,
-        };
         Ok(Self {
-            transformer: over(transformer, &tq),
+            transformer: over_base(transformer, tq.as_ref()),
             clip,
-            t5: over(t5, &t5q),
+            t5: over_base(t5, t5q.as_ref()),
             transformer_plain: tq.as_ref().map(|q| QuantLayers::new(q, ModelPart::Unet)),
             t5_plain: t5q.as_ref().map(|q| QuantLayers::new(q, ModelPart::Te3)),
             transformer_quant: tq,
@@ -517,14 +497,6 @@ impl<'a> Injectors<'a> {
             factory(&self.clip, None),
             factory(&self.t5, self.t5_plain.as_ref()),
         ]
-    }
-}
-
-fn factory<'s>(i: &'s Option<Injector<'_>>, q: Option<&'s QuantLayers>) -> &'s dyn LayerFactory {
-    match (i, q) {
-        (Some(i), _) => i,
-        (None, Some(q)) => q,
-        (None, None) => &PlainLayers,
     }
 }
 

@@ -12,6 +12,7 @@
 //! `loss.png` and `sample/*.png`.
 
 pub mod args;
+pub mod base_quant;
 pub mod distributed;
 pub mod flux;
 pub mod model;

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, Result};
 use lora_core::{
-    Injector, LayerFactory, LoraConfig, ModelPart, PlainLayers, QuantBase, QuantConfig,
-    QuantFormat, QuantLayers,
+    Injector, LayerFactory, LoraConfig, ModelPart, PlainLayers, QuantBase, QuantLayers,
 };
 use lora_models::{
     with_sdxl_kohya_names, AutoencoderKL, Checkpointing, ClipActivation, ClipTextConfig,
@@ -19,6 +18,7 @@ use tch::nn::{self, VarStore};
 use tch::{Device, Kind};
 
 use super::args::TrainArgs;
+use super::base_quant::{factory, fp8_base, over_base};
 use super::model::{base_dtype, load_or_save_quant, read_if_present};
 
 /// The demo model's directory under `output_dir` (apart from the SD 1.5 demo's `demo-model`,
@@ -213,11 +213,10 @@ impl<'a> Injectors<'a> {
     /// # Errors
     /// Never for this fixed config (kept fallible as `QuantConfig::build`).
     pub fn with_fp8_base(mut self, a: &TrainArgs) -> Result<Self> {
-        if !(a.fp8_base || a.fp8_base_unet) {
+        let Some(q) = fp8_base(a, ModelPart::Unet)? else {
             return Ok(self);
-        }
-        let q = QuantConfig::new(QuantFormat::Fp8E4m3fn).with_parts([ModelPart::Unet]).build()?;
-        self.unet = self.unet.map(|i| i.with_quantized_base(&q));
+        };
+        self.unet = over_base(self.unet, Some(&q));
         self.unet_plain_quant = Some(QuantLayers::new(&q, ModelPart::Unet));
         self.unet_quant = Some(q);
         Ok(self)
@@ -230,19 +229,11 @@ impl<'a> Injectors<'a> {
 
     /// The layer factories of (U-Net, TE1, TE2): the injector, or plain layers.
     pub fn factories(&self) -> [&dyn LayerFactory; 3] {
-        let unet: &dyn LayerFactory = match (&self.unet, &self.unet_plain_quant) {
-            (Some(i), _) => i,
-            (None, Some(q)) => q,
-            (None, None) => &PlainLayers,
-        };
-        [unet, factory(&self.te1), factory(&self.te2)]
-    }
-}
-
-fn factory<'s>(i: &'s Option<Injector<'_>>) -> &'s dyn LayerFactory {
-    match i {
-        Some(i) => i,
-        None => &PlainLayers,
+        [
+            factory(&self.unet, self.unet_plain_quant.as_ref()),
+            factory(&self.te1, None),
+            factory(&self.te2, None),
+        ]
     }
 }
 
