@@ -25,51 +25,24 @@ use std::time::{Duration, Instant};
 
 use lora_core::dist::{Backend, DistEnv, GradSync, OverlapSync, ProcessGroup};
 use lora_core::train::{
-    BatchSource, Denoiser, Encoded, Objective, Observer, PredictFn, StepReport, TrainConfig,
-    TrainState, Trainer,
+    BatchSource, Encoded, Objective, Observer, PredictFn, StepReport, TrainConfig, TrainState,
+    Trainer,
 };
-use lora_core::{Error, Injector, Layer, LayerFactory, LoraConfig, ModelPart, Pattern, Result};
+use lora_core::{Error, Injector, LoraConfig, ModelPart, Pattern, Result};
 use lora_optim::{AdamWConfig, LrScheduleConfig, ScheduleKind};
 use std::sync::Arc;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
+
+#[path = "../toy/mod.rs"]
+mod toy;
+use toy::{Toy, ToyBatch};
 
 /// Global batch size, split evenly over the ranks.
 const GLOBAL_BATCH: i64 = 4;
 /// Batches per epoch (each one global batch).
 const BATCHES: usize = 3;
 const STEPS: u64 = 5;
-
-#[derive(Debug)]
-struct Toy {
-    l1: Layer,
-    l2: Layer,
-}
-
-struct ToyBatch {
-    x: Tensor,
-}
-
-impl Denoiser for Toy {
-    type Batch = ToyBatch;
-
-    fn encode(&self, batch: &ToyBatch, _train: bool) -> Result<Encoded> {
-        let b = batch.x.size()[0];
-        Ok(Encoded {
-            latents: batch.x.view([b, 4, 1, 1]),
-            cond: vec![],
-            loss_weights: None,
-            masks: None,
-        })
-    }
-
-    fn predict(&self, noisy: &Tensor, t: &Tensor, _enc: &Encoded, train: bool) -> Result<Tensor> {
-        let b = noisy.size()[0];
-        let h = noisy.view([b, 4]) + t.to_kind(Kind::Float).unsqueeze(1) / 1000.0;
-        let h = self.l1.forward_t(&h, train).relu();
-        Ok(self.l2.forward_t(&h, train).view([b, 4, 1, 1]))
-    }
-}
 
 /// ε-prediction with noise and timesteps that are functions of the sample (no generator), so
 /// a sample's loss does not depend on which rank sees it; the loss is a mean over the batch.
@@ -177,10 +150,7 @@ fn run_worker(out: &Path) -> Result<()> {
     let mut lcfg = LoraConfig::new(2, vec![Pattern::Glob("blocks.**".into())]);
     lcfg.alpha = Some(1.0);
     let inj = Injector::new(adapters.root(), ModelPart::Unet, &lcfg)?;
-    let r = base.root();
-    let l1 = inj.linear(&r / "blocks" / "0" / "fc1", 4, 8, Default::default())?;
-    let l2 = inj.linear(&r / "blocks" / "0" / "fc2", 8, 4, Default::default())?;
-    inj.finish()?;
+    let toy = Toy::new(&base.root(), &inj)?;
     tch::manual_seed(100 + rank as i64);
     let mut vars: Vec<(String, Tensor)> = adapters.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0)); // a HashMap: fix the order of the draws
@@ -205,7 +175,7 @@ fn run_worker(out: &Path) -> Result<()> {
         save_state_on_train_end: true,
         ..TrainConfig::default()
     };
-    let mut b = Trainer::builder(Toy { l1, l2 }, DetObjective)
+    let mut b = Trainer::builder(toy, DetObjective)
         .optimizer(Box::new(opt))
         .schedule(Box::new(sched))
         .config(cfg)

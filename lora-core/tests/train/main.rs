@@ -11,48 +11,19 @@ use lora_core::train::{
     list_checkpoints, BatchSource, Denoiser, Encoded, NoObserver, NonFinitePolicy, Objective,
     Observer, PredictFn, TrainConfig, TrainState, Trainer,
 };
-use lora_core::{Error, Injector, Layer, LayerFactory, LoraConfig, ModelPart, Pattern, Result};
+use lora_core::{Error, Injector, LoraConfig, ModelPart, Pattern, Result};
 use lora_optim::{AdamWConfig, LrScheduleConfig, ScheduleKind};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
+
+#[path = "../toy/mod.rs"]
+mod toy;
+use toy::{Toy, ToyBatch};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
 fn lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A two-layer MLP denoiser over 4 "latent channels" with LoRA (with dropout, so the
-/// generator matters) on both layers.
-#[derive(Debug)]
-struct Toy {
-    l1: Layer,
-    l2: Layer,
-}
-
-struct ToyBatch {
-    x: Tensor,
-}
-
-impl Denoiser for Toy {
-    type Batch = ToyBatch;
-
-    fn encode(&self, batch: &ToyBatch, _train: bool) -> Result<Encoded> {
-        let b = batch.x.size()[0];
-        Ok(Encoded {
-            latents: batch.x.view([b, 4, 1, 1]),
-            cond: vec![],
-            loss_weights: None,
-            masks: None,
-        })
-    }
-
-    fn predict(&self, noisy: &Tensor, t: &Tensor, _enc: &Encoded, train: bool) -> Result<Tensor> {
-        let b = noisy.size()[0];
-        let h = noisy.view([b, 4]) + t.to_kind(Kind::Float).unsqueeze(1) / 1000.0;
-        let h = self.l1.forward_t(&h, train).relu();
-        Ok(self.l2.forward_t(&h, train).view([b, 4, 1, 1]))
-    }
 }
 
 /// ε-prediction with random noise and timesteps from the global generator.
@@ -114,10 +85,7 @@ fn trainer(
     lcfg.dropout = Some(0.2);
     lcfg.lora_plus.lr_ratio = Some(4.0);
     let inj = Injector::new(adapters.root(), ModelPart::Unet, &lcfg)?;
-    let r = base.root();
-    let l1 = inj.linear(&r / "blocks" / "0" / "fc1", 4, 8, Default::default())?;
-    let l2 = inj.linear(&r / "blocks" / "0" / "fc2", 8, 4, Default::default())?;
-    inj.finish()?;
+    let toy = Toy::new(&base.root(), &inj)?;
     // B starts at zero: give it values so both matrices train from step 1.
     tch::no_grad(|| {
         for a in inj.adapters() {
@@ -133,7 +101,7 @@ fn trainer(
         ..LrScheduleConfig::new(ScheduleKind::Cosine)
     }
     .build(1e-2)?;
-    let mut b = Trainer::builder(Toy { l1, l2 }, ToyObjective)
+    let mut b = Trainer::builder(toy, ToyObjective)
         .optimizer(Box::new(opt))
         .schedule(Box::new(sched))
         .config(cfg);
