@@ -1,60 +1,73 @@
-//! SD 1.x checkpoints as `merge_lora` reads, merges and writes them, in the layout they came
-//! in: a diffusers folder (`unet/`, `text_encoder/`, ...) or an original single file
-//! (`model.diffusion_model.*`, `cond_stage_model.transformer.*`, ...).
+//! SD 1.x / 2.x, SDXL and FLUX.1 checkpoints as `merge_lora` reads, merges and writes them, in
+//! the layout they came in: a diffusers folder (`unet/` or `transformer/`, `text_encoder/`,
+//! ...) or an original single file (LDM / SGM `model.diffusion_model.*`, BFL
+//! `double_blocks.*`).
 //!
-//! Every tensor keeps its original key; the U-Net and text-encoder weights are also named by
-//! their diffusers / transformers module paths (through `lora_models::keys`), which is what
-//! LoRA names derive from, and merged under those names by [`lora_core::io::merge_into`].
-//! Everything else (VAE, buffers, other files of a folder, a single file's metadata) is
-//! written back unchanged.
+//! Every tensor keeps its original key and shape. The weights LoRAs target are also named by
+//! the module paths LoRA names derive from (a weight may be a row block of a
+//! fused file tensor, or several file tensors' rows), and merged under those names by
+//! [`lora_core::io::merge_into`]:
 //!
-//! The text encoder is SD 1.x's CLIP (`lora_te_` modules). Original SD 2.x files keep their
-//! OpenCLIP encoder under `cond_stage_model.model.*`, which is not renamed, so a LoRA with
-//! text-encoder modules does not merge into them (an error naming the modules); U-Net-only
-//! LoRAs do.
+//! | family | U-Net / transformer names | text encoders |
+//! |---|---|---|
+//! | SD 1.x | diffusers paths (`lora_unet_down_blocks_0_...`) | CLIP `lora_te_` |
+//! | SDXL | SGM paths, as kohya's `sdxl_train_network.py` (`lora_unet_input_blocks_4_1_...`); files with diffusers paths (PEFT, older trainers) too | CLIP-L `lora_te1_`, bigG `lora_te2_` |
+//! | FLUX.1 | BFL paths (`lora_unet_double_blocks_0_img_attn_qkv`); diffusers FLUX LoRAs are converted first | CLIP-L `lora_te1_`, T5 `lora_te3_` |
+//!
+//! The family is detected: a folder with `transformer/` is FLUX.1, one with `text_encoder_2/`
+//! or an SDXL `unet/config.json` (`addition_embed_type = "text_time"`) is SDXL; a single file
+//! with `double_blocks.*` keys is FLUX.1, one with `conditioner.embedders.*` keys SDXL.
+//! Everything else (VAE, buffers, other files of a folder, a single file's metadata) is written
+//! back unchanged.
+//!
+//! Original SD 2.x files keep their OpenCLIP encoder under `cond_stage_model.model.*`, which is
+//! not renamed, so a LoRA with text-encoder modules does not merge into them (an error naming
+//! the modules); U-Net-only LoRAs do.
 
+mod flux;
+mod sd;
+mod slots;
 mod write;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use lora_core::io::{merge_into, AdapterFile, MergeReport, MergeTarget, SavePrecision};
 use lora_core::{Error, ModelPart, Result};
-use lora_models::keys::{clip_key, KeyMap, LDM_CLIP_PREFIX, LDM_UNET_PREFIX};
-use lora_models::{StateDict, UNetConfig};
+use lora_models::{SdxlUNetConfig, StateDict, UNetConfig};
 use tch::{Kind, Tensor};
+
+pub use sd::UNetLayout;
+use slots::{Slot, WeightFile};
 
 /// How a checkpoint is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// A diffusers folder (`save_pretrained`).
     Folder,
-    /// One original (LDM) `.safetensors` file.
+    /// One original `.safetensors` file.
     SingleFile,
 }
 
-/// One safetensors file of the checkpoint.
-#[derive(Debug)]
-struct WeightFile {
-    /// Relative to the folder root; the file name for a single file.
-    rel: PathBuf,
-    /// Every tensor, under its key in the file.
-    tensors: BTreeMap<String, Tensor>,
-    /// The kind each tensor had in the file (merged weights become f32 until saved).
-    kinds: HashMap<String, Kind>,
-    metadata: HashMap<String, String>,
-    /// (part, key in the file, module-path key) of every U-Net / text-encoder tensor.
-    renames: Vec<(ModelPart, String, String)>,
-    /// Whether the file must be rewritten even without a save precision.
-    merge_target: bool,
+/// Which model family a checkpoint holds (detected from its files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// SD 1.x / 2.x: U-Net and one CLIP text encoder.
+    Sd,
+    /// SDXL: U-Net, CLIP-L and OpenCLIP bigG.
+    Sdxl,
+    /// FLUX.1: the transformer, CLIP-L and T5-XXL.
+    Flux,
 }
 
-impl WeightFile {
-    fn read(path: &Path, rel: PathBuf, merge_target: bool) -> Result<Self> {
-        let tensors = StateDict::read(path)?.into_tensors();
-        let kinds = tensors.iter().map(|(k, t)| (k.clone(), t.kind())).collect();
-        let metadata = write::read_metadata(path)?;
-        Ok(Self { rel, tensors, kinds, metadata, renames: Vec::new(), merge_target })
+impl Family {
+    /// The model parts LoRA modules can target, in merge order.
+    pub fn parts(self) -> &'static [ModelPart] {
+        match self {
+            Family::Sd => &[ModelPart::Unet, ModelPart::Te],
+            Family::Sdxl => &[ModelPart::Unet, ModelPart::Te1, ModelPart::Te2],
+            Family::Flux => &[ModelPart::Unet, ModelPart::Te1, ModelPart::Te3],
+        }
     }
 }
 
@@ -62,27 +75,33 @@ impl WeightFile {
 #[derive(Debug)]
 pub struct Checkpoint {
     layout: Layout,
+    family: Family,
     source: PathBuf,
     files: Vec<WeightFile>,
+    slots: Vec<Slot>,
+    /// SDXL: diffusers U-Net key -> SGM key (kohya's names), where they differ.
+    sgm: HashMap<String, String>,
 }
 
 impl Checkpoint {
     /// Reads a diffusers folder (when `path` is a directory) or an original single file.
-    /// `unet_config` is the U-Net layout used to rename a single file's LDM keys (a folder
-    /// carries its own); `None` means SD 1.5's.
+    /// `unet_layout` is the U-Net layout used to rename a single file's LDM / SGM keys (a
+    /// folder carries its own, and FLUX.1 needs none); `None` means SD 1.5's, or SDXL 1.0's for
+    /// an SGM file.
     ///
     /// # Errors
     /// [`Error::Io`] / [`Error::File`] naming the file for unreadable files, a folder without
-    /// `unet/`, or single-file U-Net keys the layout does not know (wrong `unet_config`).
-    pub fn read(path: impl AsRef<Path>, unet_config: Option<&UNetConfig>) -> Result<Self> {
+    /// `unet/` or `transformer/` weights, single-file U-Net keys the layout does not know
+    /// (wrong `unet_layout`), a layout of another family than the file's, or a FLUX folder
+    /// missing weights its config implies.
+    pub fn read(path: impl AsRef<Path>, unet_layout: Option<&UNetLayout>) -> Result<Self> {
         let path = path.as_ref();
         let meta =
             std::fs::metadata(path).map_err(|source| Error::Io { path: path.into(), source })?;
         if meta.is_dir() {
             Self::read_folder(path)
         } else {
-            let cfg = unet_config.cloned().unwrap_or_else(UNetConfig::sd15);
-            Self::read_single(path, &cfg)
+            Self::read_single(path, unet_layout)
         }
     }
 
@@ -91,132 +110,174 @@ impl Checkpoint {
         self.layout
     }
 
+    /// The model family detected.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
     fn read_folder(root: &Path) -> Result<Self> {
-        let mut files = Vec::new();
-        for (sub, stem, part) in [
-            ("unet", "diffusion_pytorch_model", Some(ModelPart::Unet)),
-            ("text_encoder", "model", Some(ModelPart::Te)),
-            ("vae", "diffusion_pytorch_model", None),
-        ] {
-            let found = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")]
-                .into_iter()
-                .map(|n| Path::new(sub).join(n))
-                .find(|rel| root.join(rel).is_file());
-            let Some(rel) = found else {
-                if sub == "unet" {
-                    return Err(Error::File {
-                        path: root.join(sub),
-                        reason: format!("no `{stem}.safetensors` (or `.fp16` variant): not a diffusers SD folder"),
-                    });
-                }
-                continue;
-            };
-            let mut f = WeightFile::read(&root.join(&rel), rel, part.is_some())?;
-            if let Some(part) = part {
-                f.renames = f
-                    .tensors
-                    .keys()
-                    .filter_map(|k| {
-                        let model_key =
-                            if part == ModelPart::Te { clip_key(k)? } else { k.clone() };
-                        Some((part, k.clone(), model_key))
-                    })
-                    .collect();
+        let unet_json = root.join("unet/config.json");
+        let (family, (files, slots)) = if root.join("transformer").is_dir() {
+            (Family::Flux, flux::read_folder(root)?)
+        } else if root.join("text_encoder_2").is_dir()
+            || (unet_json.is_file() && sd::is_sdxl_unet_config(&unet_json)?)
+        {
+            (Family::Sdxl, sd::read_folder(root, true)?)
+        } else {
+            (Family::Sd, sd::read_folder(root, false)?)
+        };
+        let sgm = match family {
+            Family::Sdxl => {
+                sd::sgm_names(&SdxlUNetConfig::from_diffusers_json(&unet_json)?, &slots)
             }
-            files.push(f);
-        }
-        Ok(Self { layout: Layout::Folder, source: root.into(), files })
+            _ => HashMap::new(),
+        };
+        Ok(Self { layout: Layout::Folder, family, source: root.into(), files, slots, sgm })
     }
 
-    fn read_single(path: &Path, cfg: &UNetConfig) -> Result<Self> {
+    fn read_single(path: &Path, layout: Option<&UNetLayout>) -> Result<Self> {
         let rel = PathBuf::from(path.file_name().unwrap_or_default());
-        let mut f = WeightFile::read(path, rel, true)?;
-        let map = KeyMap::unet(cfg);
-        let mut unknown = Vec::new();
-        for key in f.tensors.keys() {
-            if let Some(rest) = key.strip_prefix(LDM_UNET_PREFIX) {
-                match map.to_diffusers(rest) {
-                    Some(r) => f.renames.push((ModelPart::Unet, key.clone(), r.key)),
-                    None => unknown.push(format!("`{key}`")),
-                }
-            } else if let Some(rest) = key.strip_prefix(LDM_CLIP_PREFIX) {
-                if let Some(k) = clip_key(rest) {
-                    f.renames.push((ModelPart::Te, key.clone(), k));
-                }
+        let f = WeightFile::read(path, rel, true)?;
+        let mismatch = |family: &str, given: &str| Error::File {
+            path: path.into(),
+            reason: format!(
+                "holds {family} weights (detected from its keys), but the U-Net config given is \
+                 for {given}"
+            ),
+        };
+        let (family, slots, sgm) = if flux::is_flux_single(&f) {
+            if let Some(l) = layout {
+                let given = if matches!(l, UNetLayout::Sd(_)) { "SD" } else { "SDXL" };
+                return Err(mismatch("FLUX.1", given));
             }
-        }
-        if !unknown.is_empty() {
-            let n = unknown.len();
-            unknown.truncate(8);
-            return Err(Error::File {
-                path: path.into(),
-                reason: format!(
-                    "{n} U-Net key(s) do not fit the U-Net layout (pass the model's diffusers \
-                     unet/config.json if it is not SD 1.5-shaped): {}",
-                    unknown.join(", ")
-                ),
-            });
-        }
-        Ok(Self { layout: Layout::SingleFile, source: path.into(), files: vec![f] })
+            (Family::Flux, flux::single_flux(&f), HashMap::new())
+        } else if f.tensors.keys().any(|k| k.starts_with("conditioner.embedders.")) {
+            let cfg = match layout {
+                Some(UNetLayout::Sd(_)) => return Err(mismatch("SDXL (SGM)", "SD")),
+                Some(UNetLayout::Sdxl(c)) => c.clone(),
+                None => SdxlUNetConfig::sdxl(),
+            };
+            let slots = sd::single_sdxl(path, &f, &cfg)?;
+            let sgm = sd::sgm_names(&cfg, &slots);
+            (Family::Sdxl, slots, sgm)
+        } else {
+            let cfg = match layout {
+                Some(UNetLayout::Sdxl(_)) => return Err(mismatch("SD 1.x / 2.x", "SDXL")),
+                Some(UNetLayout::Sd(c)) => c.clone(),
+                None => UNetConfig::sd15(),
+            };
+            (Family::Sd, sd::single_sd(path, &f, &cfg)?, HashMap::new())
+        };
+        Ok(Self {
+            layout: Layout::SingleFile,
+            family,
+            source: path.into(),
+            files: vec![f],
+            slots,
+            sgm,
+        })
     }
 
-    /// The U-Net's weights by diffusers key (shallow copies), as a model would load them.
-    pub fn unet(&self) -> StateDict {
+    /// The weights of `part` by module-path key, as a model would load them: diffusers keys
+    /// for SD / SDXL U-Nets, `text_model.*` for CLIP encoders, BFL keys for the FLUX.1
+    /// transformer (fused tensors are concatenated: new tensors; the rest shallow copies).
+    /// Only the weights merging can change are included for a FLUX.1 folder's transformer
+    /// (its Linear weights).
+    ///
+    /// # Errors
+    /// [`Error::File`] / tensor errors when a fused weight cannot be assembled.
+    pub fn part(&self, part: ModelPart) -> Result<StateDict> {
+        Ok(StateDict::from_tensors(&self.source, self.values(part)?))
+    }
+
+    /// [`Checkpoint::part`] of the U-Net / transformer.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::part`].
+    pub fn unet(&self) -> Result<StateDict> {
         self.part(ModelPart::Unet)
     }
 
-    /// The text encoder's weights by `text_model.*` key (shallow copies).
-    pub fn text_encoder(&self) -> StateDict {
-        self.part(ModelPart::Te)
+    fn values(&self, part: ModelPart) -> Result<BTreeMap<String, Tensor>> {
+        self.slots
+            .iter()
+            .filter(|s| s.part == part)
+            .map(|s| Ok((s.key.clone(), s.value(&self.files)?)))
+            .collect()
     }
 
-    fn part(&self, part: ModelPart) -> StateDict {
-        let tensors = self.files.iter().flat_map(|f| {
-            f.renames
-                .iter()
-                .filter(move |(p, _, _)| *p == part)
-                .map(move |(_, k, m)| (m.clone(), f.tensors[k].shallow_clone()))
-        });
-        StateDict::from_tensors(&self.source, tensors)
-    }
-
-    /// Merges each `(file, multiplier)` in order (see [`merge_into`]); one report per file.
+    /// Merges each `(file, multiplier)` in order (see [`merge_into`]); one report per file,
+    /// each merged module's `key` being its weight's module-path key (as [`Checkpoint::part`]).
     ///
     /// # Errors
-    /// As [`merge_into`]: a module that matches no U-Net / text-encoder weight names the
-    /// LoRA file and the module. Files before the failing one stay merged.
+    /// As [`merge_into`]: a module that matches no weight of the checkpoint's parts names the
+    /// LoRA file and the module; a quantized weight is refused. Files before the failing one
+    /// stay merged.
     pub fn merge(&mut self, loras: &[(&AdapterFile, f64)]) -> Result<Vec<MergeReport>> {
-        let parts = [ModelPart::Unet, ModelPart::Te];
-        let mut maps: Vec<BTreeMap<String, Tensor>> =
-            parts.iter().map(|&part| self.part(part).into_tensors()).collect();
+        let parts = self.family.parts();
+        let mut maps = parts.iter().map(|&p| self.values(p)).collect::<Result<Vec<_>>>()?;
+        let mut merged = HashSet::new();
         let mut reports = Vec::new();
-        for (file, multiplier) in loras {
+        let mut failure = None;
+        for &(file, multiplier) in loras {
+            match self.merge_file(file, multiplier, parts, &mut maps) {
+                Ok(r) => {
+                    merged.extend(r.merged.iter().map(|m| (m.part, m.key.clone())));
+                    reports.push(r);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let Self { slots, files, .. } = self;
+        for slot in slots.iter().filter(|s| merged.contains(&(s.part, s.key.clone()))) {
+            let i = parts.iter().position(|p| *p == slot.part).unwrap_or(0);
+            if let Some(value) = maps[i].get(&slot.key) {
+                slot.store(files, value)?;
+            }
+        }
+        failure.map_or(Ok(reports), Err)
+    }
+
+    /// One file into `maps` (one per part of `parts`, the U-Net first).
+    fn merge_file(
+        &self,
+        file: &AdapterFile,
+        multiplier: f64,
+        parts: &[ModelPart],
+        maps: &mut [BTreeMap<String, Tensor>],
+    ) -> Result<MergeReport> {
+        let converted = match self.family {
+            Family::Flux => flux::kohya_layout(file)?,
+            _ => None,
+        };
+        let file = converted.as_ref().unwrap_or(file);
+        // kohya's SDXL names: the U-Net keys renamed to SGM paths for this file only.
+        let sgm = self.family == Family::Sdxl && !sd::uses_diffusers_unet_names(file);
+        let back: HashMap<String, String> = if sgm {
+            rename_keys(&mut maps[0], &self.sgm);
+            self.sgm.iter().map(|(d, s)| (s.clone(), d.clone())).collect()
+        } else {
+            HashMap::new()
+        };
+        let result = {
             let mut targets: Vec<MergeTarget<'_>> = parts
                 .iter()
                 .zip(maps.iter_mut())
                 .map(|(&part, weights)| MergeTarget { part, weights })
                 .collect();
-            match merge_into(file, *multiplier, &mut targets) {
-                Ok(report) => reports.push(report),
-                Err(e) => {
-                    self.put_back(&parts, &maps);
-                    return Err(e);
-                }
+            merge_into(file, multiplier, &mut targets)
+        };
+        rename_keys(&mut maps[0], &back);
+        let mut report = result?;
+        for m in report.merged.iter_mut().filter(|m| m.part == ModelPart::Unet) {
+            if let Some(k) = back.get(&m.key) {
+                m.key = k.clone();
             }
         }
-        self.put_back(&parts, &maps);
-        Ok(reports)
-    }
-
-    fn put_back(&mut self, parts: &[ModelPart], maps: &[BTreeMap<String, Tensor>]) {
-        for f in &mut self.files {
-            for (part, key, model_key) in &f.renames {
-                let i = parts.iter().position(|p| p == part).unwrap_or(0);
-                if let Some(t) = maps[i].get(model_key) {
-                    f.tensors.insert(key.clone(), t.shallow_clone());
-                }
-            }
-        }
+        Ok(report)
     }
 
     /// Writes the checkpoint to `out` in the layout it was read from: a single file is
@@ -264,6 +325,17 @@ impl Checkpoint {
         }
         result
     }
+}
+
+/// Renames the keys of `map` found in `names`; others are kept.
+fn rename_keys(map: &mut BTreeMap<String, Tensor>, names: &HashMap<String, String>) {
+    if names.is_empty() {
+        return;
+    }
+    *map = std::mem::take(map)
+        .into_iter()
+        .map(|(k, t)| (names.get(&k).cloned().unwrap_or(k), t))
+        .collect();
 }
 
 /// The kind each tensor of `f` is saved as.

@@ -11,7 +11,7 @@ use lora_core::io::{
     save_kohya, save_peft, AdapterFile, BaseModel, KohyaMetadata, ModuleWeights, SavePrecision,
 };
 use lora_core::{Injector, LoraConfig, ModelPart, Pattern, PlainLayers};
-use lora_examples::checkpoint::{Checkpoint, Layout};
+use lora_examples::checkpoint::{Checkpoint, Family, Layout, UNetLayout};
 use lora_models::{
     ClipTextModel, DiffusersFolder, SingleFile, StateDict, UNet2DConditionModel, UNetConfig,
 };
@@ -66,7 +66,7 @@ fn all_f32(sd: &StateDict) -> bool {
 fn merged_folder_equals_diffusers_lora_outputs() {
     let lora = AdapterFile::read(fixture("lora/lora.safetensors")).unwrap();
     let mut ckpt = Checkpoint::read(fixture("sd15/sd15"), None).unwrap();
-    assert_eq!(ckpt.layout(), Layout::Folder);
+    assert_eq!((ckpt.layout(), ckpt.family()), (Layout::Folder, Family::Sd));
     let reports = ckpt.merge(&[(&lora, 1.0)]).unwrap();
     assert_eq!((reports[0].count(ModelPart::Unet), reports[0].count(ModelPart::Te)), (84, 18));
 
@@ -121,8 +121,8 @@ fn merged_single_file_keeps_layout_and_adds_multipliers() {
     let err = Checkpoint::read(&src, None).unwrap_err().to_string();
     assert!(err.contains("sd15_single.safetensors") && err.contains("U-Net layout"), "{err}");
 
-    let mut ckpt = Checkpoint::read(&src, Some(&ucfg)).unwrap();
-    assert_eq!(ckpt.layout(), Layout::SingleFile);
+    let mut ckpt = Checkpoint::read(&src, Some(&UNetLayout::Sd(ucfg.clone()))).unwrap();
+    assert_eq!((ckpt.layout(), ckpt.family()), (Layout::SingleFile, Family::Sd));
     // Two merges at 0.5 add up to one at 1.0.
     let reports = ckpt.merge(&[(&lora, 0.5), (&lora, 0.5)]).unwrap();
     assert!(reports.iter().all(|r| r.merged.len() == 102));
@@ -149,7 +149,7 @@ fn default_precision_keeps_the_checkpoint_kinds() {
     let lora = AdapterFile::read(fixture("lora/lora.safetensors")).unwrap();
     let (ucfg, _) = DiffusersFolder::new(fixture("sd15/sd15")).unet().unwrap();
     let src = fixture("sd15/sd15_single.safetensors");
-    let mut ckpt = Checkpoint::read(&src, Some(&ucfg)).unwrap();
+    let mut ckpt = Checkpoint::read(&src, Some(&UNetLayout::Sd(ucfg.clone()))).unwrap();
     ckpt.merge(&[(&lora, 1.0)]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged.safetensors");
@@ -224,7 +224,7 @@ fn locon_with_3x3_convs_merges_to_the_unmerged_output() {
     let peft = AdapterFile::read(&peft).unwrap();
     let mut ckpt = Checkpoint::read(fixture("sd15/sd15"), None).unwrap();
     assert_eq!(ckpt.merge(&[(&peft, 1.0)]).unwrap()[0].merged.len(), infos.len());
-    let (merged, _) = outputs(&ckpt.unet(), &folder.text_encoder().unwrap().1);
+    let (merged, _) = outputs(&ckpt.unet().unwrap(), &folder.text_encoder().unwrap().1);
     assert_close("merged PEFT locon vs unmerged", &merged, &unmerged, REL);
 
     // The 3x3 modules matter: leaving them out misses the unmerged output by far.
@@ -248,7 +248,7 @@ fn locon_with_3x3_convs_merges_to_the_unmerged_output() {
     };
     let mut ckpt = Checkpoint::read(fixture("sd15/sd15"), None).unwrap();
     ckpt.merge(&[(&without_3x3, 1.0)]).unwrap();
-    let (partial, _) = outputs(&ckpt.unet(), &folder.text_encoder().unwrap().1);
+    let (partial, _) = outputs(&ckpt.unet().unwrap(), &folder.text_encoder().unwrap().1);
     let e = rel_err(&partial, &unmerged);
     println!("merged without the 3x3 modules vs unmerged: relative error {e:.3e}");
     assert!(e > 100.0 * REL, "{e}");
@@ -276,12 +276,12 @@ fn a_module_matching_no_weight_is_an_error_naming_it() {
     .unwrap();
     let lora = AdapterFile::read(&path).unwrap();
     let mut ckpt = Checkpoint::read(fixture("sd15/sd15"), None).unwrap();
-    let before = ckpt.unet();
+    let before = ckpt.unet().unwrap();
     let err = ckpt.merge(&[(&lora, 1.0)]).unwrap_err().to_string();
     assert!(err.contains(name) && err.contains("extra.safetensors"), "{err}");
     assert!(!err.contains("proj_out"), "only the unmatched module is listed: {err}");
     // Nothing was merged.
-    let after = ckpt.unet();
+    let after = ckpt.unet().unwrap();
     for k in before.keys() {
         assert!(before.get(k).unwrap().equal(after.get(k).unwrap()), "{k}");
     }
@@ -289,9 +289,18 @@ fn a_module_matching_no_weight_is_an_error_naming_it() {
 
 #[test]
 fn an_unet_config_for_the_wrong_family_is_rejected() {
-    let err =
-        Checkpoint::read(fixture("sd15/sd15_single.safetensors"), Some(&UNetConfig::sd21_base()))
-            .unwrap_err()
-            .to_string();
+    let err = Checkpoint::read(
+        fixture("sd15/sd15_single.safetensors"),
+        Some(&UNetLayout::Sd(UNetConfig::sd21_base())),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("sd15_single.safetensors"), "{err}");
+    // An SDXL config for an SD file names the mismatch.
+    let sdxl = UNetLayout::from_diffusers_json(fixture("sdxl/model/unet/config.json")).unwrap();
+    assert!(matches!(sdxl, UNetLayout::Sdxl(_)));
+    let err = Checkpoint::read(fixture("sd15/sd15_single.safetensors"), Some(&sdxl))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("holds SD 1.x / 2.x weights") && err.contains("SDXL"), "{err}");
 }
