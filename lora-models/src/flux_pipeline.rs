@@ -259,3 +259,28 @@ impl FluxCond {
         }
     }
 }
+
+impl crate::EncodeParts for Flux {
+    fn latent_dist(&self, pixels: &Tensor) -> Result<crate::LatentDist> {
+        let _guard = tch::no_grad_guard();
+        Ok(self.vae.encode(&pixels.to_device(self.device).to_kind(self.vae_dtype)))
+    }
+
+    fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
+        let z = ((z - self.vae.shift_factor()) * self.vae.scaling_factor()).to_kind(Kind::Float);
+        crate::util::finite_latents(z, self.vae_dtype)
+    }
+
+    /// [`FluxCond::to_vec`].
+    fn text_cond(&self, captions: &[String], train: bool) -> Result<Vec<Tensor>> {
+        Ok(self.encode_prompts(captions, train)?.to_vec())
+    }
+
+    fn trains_text_encoder(&self) -> bool {
+        self.train_text_encoder
+    }
+
+    fn assemble(&self, batch: &Batch, latents: Tensor, text: Vec<Tensor>) -> Result<Encoded> {
+        Ok(crate::util::encoded(batch, latents, text, self.device))
+    }
+}

@@ -51,6 +51,7 @@
 
 mod checkpoint_files;
 mod clip;
+mod encode_cache;
 mod flux;
 pub mod flux_lora;
 mod flux_pipeline;
@@ -78,6 +79,7 @@ pub use flux_lora::{
     convert_flux_lora_file, flux_diffusers_to_kohya, flux_kohya_to_diffusers, FluxLoraFormat,
     FluxLoraTargets,
 };
+pub use encode_cache::{CacheStats, EncodeCache, EncodeCacheConfig, EncodeParts};
 pub use flux_pipeline::{Flux, FluxCond};
 pub use lazy::LazyTensors;
 pub use lora_core::{Error, Result};

@@ -37,5 +37,23 @@ pub(crate) fn encoded(
         .any(|&w| w != 1.0)
         .then(|| tch::Tensor::from_slice(&batch.loss_weights).to(device));
     let masks = batch.masks.as_ref().map(|m| m.to(device));
+    // Cached latents and text states live on the CPU.
+    let latents = latents.to_device(device);
+    let cond = cond.into_iter().map(|t| t.to_device(device)).collect();
     lora_core::train::Encoded { latents, cond, loss_weights, masks }
+}
+
+/// `z` unless it holds a non-finite value: then [`Error::Tensor`](crate::Error::Tensor)
+/// naming the autoencoder's dtype (the original SDXL VAE overflows in f16).
+pub(crate) fn finite_latents(z: tch::Tensor, vae_dtype: tch::Kind) -> crate::Result<tch::Tensor> {
+    if bool::try_from(z.isfinite().all()).unwrap_or(false) {
+        return Ok(z);
+    }
+    Err(crate::Error::Tensor {
+        name: "vae latents".into(),
+        reason: format!(
+            "not finite with the autoencoder in {vae_dtype:?}: run it in f32 (no_half_vae) or \
+             use an fp16-fix VAE"
+        ),
+    })
 }

@@ -139,6 +139,17 @@ pub struct TrainArgs {
     /// kohya (FLUX) `apply_t5_attn_mask`: T5 and the transformer's joint attention ignore
     /// T5's padding tokens (default off: FLUX.1 was trained attending to them).
     pub apply_t5_attn_mask: bool,
+    /// kohya `cache_latents`: encode each training image once (one sample of the
+    /// autoencoder's distribution, its noise fixed by the image and the seed) and reuse it.
+    pub cache_latents: bool,
+    /// kohya `cache_latents_to_disk`: `cache_latents`, also kept in `<output_dir>/cache` for
+    /// later runs.
+    pub cache_latents_to_disk: bool,
+    /// kohya `cache_text_encoder_outputs`: encode each caption once with the frozen text
+    /// encoders (needs them untrained).
+    pub cache_text_encoder_outputs: bool,
+    /// kohya `cache_text_encoder_outputs_to_disk`: likewise, kept in `<output_dir>/cache`.
+    pub cache_text_encoder_outputs_to_disk: bool,
     /// kohya `fp8_base`: keep the frozen base's Linears in float8 (e4m3fn) with per-row
     /// scales, dequantized per layer in forward (SDXL: the U-Net; FLUX: the transformer and
     /// T5).
@@ -194,6 +205,10 @@ impl Default for TrainArgs {
             guidance_scale: None,
             t5xxl_max_token_length: None,
             apply_t5_attn_mask: false,
+            cache_latents: false,
+            cache_latents_to_disk: false,
+            cache_text_encoder_outputs: false,
+            cache_text_encoder_outputs_to_disk: false,
             fp8_base: false,
             fp8_base_unet: false,
         }

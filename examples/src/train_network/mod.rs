@@ -29,7 +29,9 @@ use lora_core::io::{AdapterFile, BaseModel, KohyaMetadata};
 use lora_core::train::{latest_checkpoint, Denoiser, Objective, Optimizer, TrainState, Trainer};
 use lora_core::{Injector, LayerFactory, ModelPart, ParamGroup, PlainLayers};
 use lora_data::{Batch, DataSource, DatasetGroup, DatasetGroupConfig, LoadOptions};
-use lora_models::{Checkpointing, ClipTokenizer, StableDiffusion};
+use lora_models::{
+    Checkpointing, ClipTokenizer, EncodeCache, EncodeCacheConfig, EncodeParts, StableDiffusion,
+};
 use lora_optim::{LrScheduleConfig, ScheduleKind};
 use serde::de::DeserializeOwned;
 use tch::nn::VarStore;
@@ -150,6 +152,7 @@ pub fn run(cli: &RunOptions) -> Result<RunSummary> {
         anyhow!("{}: `dataset_config` is required (kohya's dataset TOML)", cfg.path.display())
     })?;
     let ds_cfg = DatasetGroupConfig::load(ds_path)?;
+    check_caching(a, &ds_cfg, ds_path)?;
     let group = DatasetGroup::build(
         ds_cfg,
         &LoadOptions { seed: cfg.train.seed, ..LoadOptions::default() },
@@ -297,6 +300,79 @@ fn run_flux(
     train(cfg, cli, data, model, objective, &injectors, groups, meta, device)
 }
 
+/// What caching cannot serve, refused as kohya does: latents of `random_crop` subsets (a new
+/// crop every time, so nothing would be reused while the cache grew), and text outputs under
+/// `shuffle_caption`, `caption_tag_dropout_rate` or `token_warmup_step` (a new caption almost
+/// every step). Whole-caption dropout is fine here: the empty caption is one more key.
+fn check_caching(a: &args::TrainArgs, ds: &DatasetGroupConfig, path: &Path) -> Result<()> {
+    let latents = a.cache_latents || a.cache_latents_to_disk;
+    let text = a.cache_text_encoder_outputs || a.cache_text_encoder_outputs_to_disk;
+    for sub in ds.datasets.iter().flat_map(|d| d.subsets.iter()) {
+        let dir = sub.image_dir.display();
+        if latents && sub.random_crop {
+            bail!(
+                "{}: subset {dir}: `random_crop` with `cache_latents`: a random crop changes every \
+                 time, so its latents cannot be reused; drop one of them",
+                path.display()
+            );
+        }
+        let c = &sub.caption;
+        for (key, on) in [
+            ("shuffle_caption", c.shuffle_caption),
+            ("caption_tag_dropout_rate", c.caption_tag_dropout_rate > 0.0),
+            ("token_warmup_step", c.token_warmup_step > 0.0),
+        ] {
+            if text && on {
+                bail!(
+                    "{}: subset {dir}: `{key}` with `cache_text_encoder_outputs`: the caption \
+                     changes almost every step, so its encoding cannot be reused; drop one of them",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// kohya's `cache_latents` / `cache_text_encoder_outputs` (and their `_to_disk` forms, kept in
+/// `<output_dir>/cache`): the encoders' identities are the files and settings they come from.
+fn encode_cache_config(cfg: &Config) -> EncodeCacheConfig {
+    let a = &cfg.args;
+    let latents = a.cache_latents || a.cache_latents_to_disk;
+    let text = a.cache_text_encoder_outputs || a.cache_text_encoder_outputs_to_disk;
+    let to_disk = a.cache_latents_to_disk || a.cache_text_encoder_outputs_to_disk;
+    let path = |p: &Option<PathBuf>| p.as_ref().map_or("demo".into(), |p| p.display().to_string());
+    let model = path(&a.pretrained_model_name_or_path);
+    let vae_id = format!(
+        "{:?};{model};ae={};mixed_precision={:?};no_half_vae={}",
+        a.model_family,
+        path(&a.ae),
+        a.mixed_precision,
+        a.no_half_vae
+    );
+    let text_id = format!(
+        "{:?};{model};clip_l={};t5xxl={};mixed_precision={:?};clip_skip={};max_token_length={:?};\
+         t5xxl_max_token_length={:?};apply_t5_attn_mask={};v2={}",
+        a.model_family,
+        path(&a.clip_l),
+        path(&a.t5xxl),
+        a.mixed_precision,
+        a.clip_skip,
+        a.max_token_length,
+        a.t5xxl_max_token_length,
+        a.apply_t5_attn_mask,
+        a.v2
+    );
+    EncodeCacheConfig {
+        latents,
+        text,
+        dir: to_disk.then(|| a.output_dir.join("cache")),
+        vae_id,
+        text_id,
+        seed: cfg.train.seed,
+    }
+}
+
 /// Checks every target rule matched, then loads `network_weights` if given.
 fn finish_injectors(a: &args::TrainArgs, injectors: &[&Injector<'_>]) -> Result<()> {
     for inj in injectors {
@@ -341,11 +417,13 @@ fn train<M, O>(
     device: Device,
 ) -> Result<RunSummary>
 where
-    M: Denoiser<Batch = Batch> + SamplingModel,
+    M: Denoiser<Batch = Batch> + SamplingModel + EncodeParts,
     O: Objective,
 {
     let a = &cfg.args;
     distributed::after_model(data.dist.as_ref(), a)?;
+    let model = EncodeCache::new(model, encode_cache_config(cfg))
+        .with_context(|| format!("{}", cfg.path.display()))?;
     let total = data.total;
     // Objective, optimizer, schedule.
     // SD / SDXL sample over the training noise schedule; FLUX brings its own flow sampler.

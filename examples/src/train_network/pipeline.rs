@@ -93,3 +93,30 @@ impl SamplingModel for StableDiffusionXL {
         self.device
     }
 }
+
+/// A pipeline with cached encoder outputs samples as the pipeline itself.
+impl<M: SamplingModel> SamplingModel for lora_models::EncodeCache<M> {
+    fn guidance_cond(&self, p: &SamplePrompt) -> lora_core::Result<Vec<Tensor>> {
+        self.model().guidance_cond(p)
+    }
+
+    fn latent_channels(&self) -> i64 {
+        self.model().latent_channels()
+    }
+
+    fn own_sampler(&self, p: &SamplePrompt) -> Option<lora_core::Result<Box<dyn Sampler>>> {
+        self.model().own_sampler(p)
+    }
+
+    fn denoise(&self, x: &Tensor, t: &Tensor, cond: &[Tensor]) -> Tensor {
+        self.model().denoise(x, t, cond)
+    }
+
+    fn decode(&self, latents: &Tensor) -> Tensor {
+        self.model().decode(latents)
+    }
+
+    fn device(&self) -> Device {
+        self.model().device()
+    }
+}

@@ -10,6 +10,7 @@
 //! test holds [`common::lock`] for its whole length.
 
 mod common;
+mod cache_run;
 mod config_errors;
 mod diffusers_export;
 mod distributed;

@@ -113,3 +113,26 @@ impl Denoiser for StableDiffusion {
         Ok(self.unet_forward(noisy, timesteps, &enc.cond[0], train))
     }
 }
+
+impl crate::EncodeParts for StableDiffusion {
+    fn latent_dist(&self, pixels: &Tensor) -> Result<crate::LatentDist> {
+        let _guard = tch::no_grad_guard();
+        Ok(self.vae.encode(&pixels.to_device(self.device).to_kind(self.dtype)))
+    }
+
+    fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
+        Ok((z * self.vae.scaling_factor()).to_kind(Kind::Float))
+    }
+
+    fn text_cond(&self, captions: &[String], train: bool) -> Result<Vec<Tensor>> {
+        Ok(vec![self.encode_prompts(captions, train)?])
+    }
+
+    fn trains_text_encoder(&self) -> bool {
+        self.train_text_encoder
+    }
+
+    fn assemble(&self, batch: &Batch, latents: Tensor, text: Vec<Tensor>) -> Result<Encoded> {
+        Ok(crate::util::encoded(batch, latents, text, self.device))
+    }
+}

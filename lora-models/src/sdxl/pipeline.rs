@@ -216,3 +216,40 @@ impl Denoiser for StableDiffusionXL {
         Ok(self.unet_forward(noisy, timesteps, ctx, y, train))
     }
 }
+
+impl crate::EncodeParts for StableDiffusionXL {
+    fn latent_dist(&self, pixels: &Tensor) -> Result<crate::LatentDist> {
+        let _guard = tch::no_grad_guard();
+        Ok(self.vae.encode(&pixels.to_device(self.device).to_kind(self.vae_dtype)))
+    }
+
+    fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
+        crate::util::finite_latents(
+            (z * self.vae.scaling_factor()).to_kind(Kind::Float),
+            self.vae_dtype,
+        )
+    }
+
+    /// `[ctx, pooled]`; the size conditioning is added per batch in `assemble`.
+    fn text_cond(&self, captions: &[String], train: bool) -> Result<Vec<Tensor>> {
+        let (ctx, pooled) = self.encode_prompts(captions, train)?;
+        Ok(vec![ctx, pooled])
+    }
+
+    fn trains_text_encoder(&self) -> bool {
+        self.train_text_encoder
+    }
+
+    fn assemble(&self, batch: &Batch, latents: Tensor, text: Vec<Tensor>) -> Result<Encoded> {
+        let [ctx, pooled] = &text[..] else {
+            return Err(Error::Shape {
+                name: "SDXL text conditioning (expects [ctx, pooled])".into(),
+                expected: vec![2],
+                actual: vec![text.len() as i64],
+            });
+        };
+        let pooled = pooled.to_device(self.device);
+        let y = self.unet.vector_conditioning(&pooled, &Self::time_ids(batch));
+        Ok(crate::util::encoded(batch, latents, vec![ctx.shallow_clone(), y], self.device))
+    }
+}
