@@ -150,6 +150,44 @@ pub struct TrainArgs {
     pub cache_text_encoder_outputs: bool,
     /// kohya `cache_text_encoder_outputs_to_disk`: likewise, kept in `<output_dir>/cache`.
     pub cache_text_encoder_outputs_to_disk: bool,
+    /// kohya `metadata_title`: `modelspec.title` (default: `output_name`).
+    pub metadata_title: Option<String>,
+    /// kohya `metadata_author`: `modelspec.author`.
+    pub metadata_author: Option<String>,
+    /// kohya `metadata_description`: `modelspec.description`.
+    pub metadata_description: Option<String>,
+    /// kohya `metadata_license`: `modelspec.license`.
+    pub metadata_license: Option<String>,
+    /// kohya `metadata_tags`: `modelspec.tags`.
+    pub metadata_tags: Option<String>,
+    /// kohya `metadata_usage_hint`: `modelspec.usage_hint`.
+    pub metadata_usage_hint: Option<String>,
+    /// kohya `metadata_trigger_phrase`: `modelspec.trigger_phrase`.
+    pub metadata_trigger_phrase: Option<String>,
+    /// kohya `training_comment`: `ss_training_comment`.
+    pub training_comment: Option<String>,
+    /// kohya `sdpa` (reported, see [`TrainArgs::hint_report`]).
+    pub sdpa: bool,
+    /// kohya `xformers` (reported).
+    pub xformers: bool,
+    /// kohya `mem_eff_attn` (reported).
+    pub mem_eff_attn: bool,
+    /// kohya `persistent_data_loader_workers` (reported).
+    pub persistent_data_loader_workers: bool,
+    /// kohya `max_data_loader_n_workers` (reported).
+    pub max_data_loader_n_workers: Option<u64>,
+    /// kohya `highvram` (reported).
+    pub highvram: bool,
+    /// kohya `lowram` (reported).
+    pub lowram: bool,
+    /// kohya `save_state` (reported).
+    pub save_state: bool,
+    /// kohya `logging_dir` (reported).
+    pub logging_dir: Option<PathBuf>,
+    /// kohya `log_with` (reported).
+    pub log_with: Option<String>,
+    /// kohya `log_prefix` (reported).
+    pub log_prefix: Option<String>,
     /// kohya `fp8_base`: keep the frozen base's Linears in float8 (e4m3fn) with per-row
     /// scales, dequantized per layer in forward (SDXL: the U-Net; FLUX: the transformer and
     /// T5).
@@ -209,6 +247,25 @@ impl Default for TrainArgs {
             cache_latents_to_disk: false,
             cache_text_encoder_outputs: false,
             cache_text_encoder_outputs_to_disk: false,
+            metadata_title: None,
+            metadata_author: None,
+            metadata_description: None,
+            metadata_license: None,
+            metadata_tags: None,
+            metadata_usage_hint: None,
+            metadata_trigger_phrase: None,
+            training_comment: None,
+            sdpa: false,
+            xformers: false,
+            mem_eff_attn: false,
+            persistent_data_loader_workers: false,
+            max_data_loader_n_workers: None,
+            highvram: false,
+            lowram: false,
+            save_state: false,
+            logging_dir: None,
+            log_with: None,
+            log_prefix: None,
             fp8_base: false,
             fp8_base_unet: false,
         }
@@ -329,10 +386,24 @@ impl Config {
     fn check(&self) -> Result<()> {
         let p = self.path.display();
         let a = &self.args;
-        if a.network_module != "networks.lora" {
+        // kohya's FLUX trainer wants its own module name; SD / SDXL use networks.lora.
+        let module_ok = match a.model_family {
+            ModelFamily::Flux => {
+                matches!(a.network_module.as_str(), "networks.lora_flux" | "networks.lora")
+            }
+            _ => a.network_module == "networks.lora",
+        };
+        if !module_ok {
+            let want = if a.model_family == ModelFamily::Flux {
+                "networks.lora_flux"
+            } else {
+                "networks.lora"
+            };
             bail!(
-                "{p}: `network_module` = {:?}: only networks.lora is supported",
-                a.network_module
+                "{p}: `network_module` = {:?}: use {want} for model_family = {:?} (LoCon is \
+                 networks.lora with conv_dim in network_args)",
+                a.network_module,
+                a.model_family
             );
         }
         if let Some(b) = a.ddp_backend.as_deref().filter(|b| !matches!(*b, "nccl" | "gloo")) {
@@ -447,4 +518,45 @@ pub fn kv_list(list: &[String], what: &str) -> Result<Vec<(String, String)>> {
             Ok((k.trim().to_string(), v.trim().trim_matches('"').to_string()))
         })
         .collect()
+}
+
+impl TrainArgs {
+    /// kohya keys that select an implementation or a logger kohya has and this trainer does
+    /// not need: accepted so kohya configs run unchanged, and each one set is reported here
+    /// (one line each: what this trainer does instead), never silently dropped.
+    pub fn hint_report(&self) -> Vec<String> {
+        let h = self;
+        let mut out = Vec::new();
+        let mut say = |on: bool, key: &str, why: &str| {
+            if on {
+                out.push(format!("`{key}` has no effect here: {why}"));
+            }
+        };
+        let attention = "attention always runs libtorch's scaled_dot_product_attention";
+        say(h.sdpa, "sdpa", attention);
+        say(h.xformers, "xformers", attention);
+        say(h.mem_eff_attn, "mem_eff_attn", attention);
+        say(
+            h.persistent_data_loader_workers,
+            "persistent_data_loader_workers",
+            "the data loader's threads live for the whole run",
+        );
+        say(
+            h.max_data_loader_n_workers.is_some(),
+            "max_data_loader_n_workers",
+            "images are decoded on rayon's thread pool (RAYON_NUM_THREADS)",
+        );
+        say(h.highvram, "highvram", "models are placed once, on the training device");
+        say(h.lowram, "lowram", "checkpoints are read tensor by tensor where it matters");
+        say(
+            h.save_state,
+            "save_state",
+            "every checkpoint holds the full training state (checkpoints/)",
+        );
+        let logs = "metrics go to <output_dir>/metrics.jsonl and loss.png";
+        say(h.logging_dir.is_some(), "logging_dir", logs);
+        say(h.log_with.is_some(), "log_with", logs);
+        say(h.log_prefix.is_some(), "log_prefix", logs);
+        out
+    }
 }

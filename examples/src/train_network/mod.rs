@@ -144,6 +144,9 @@ pub fn run(cli: &RunOptions) -> Result<RunSummary> {
         cfg.args.output_dir.clone_from(d);
     }
     let a = &cfg.args;
+    for line in a.hint_report() {
+        eprintln!("train_network: {line}");
+    }
     let dist = distributed::init(a)?;
     let device = distributed::device(dist.as_ref());
 
@@ -480,9 +483,30 @@ where
         ("ss_gradient_accumulation_steps", cfg.train.gradient_accumulation_steps.to_string()),
         ("ss_max_grad_norm", cfg.train.max_grad_norm.to_string()),
         ("ss_loss_type", format!("{:?}", cfg.loss.loss_type).to_lowercase()),
-        ("ss_training_comment", "trained with lora-rs train_network".to_string()),
+        (
+            "ss_training_comment",
+            a.training_comment
+                .clone()
+                .unwrap_or_else(|| "trained with lora-rs train_network".into()),
+        ),
     ] {
         meta.training.insert(k.into(), v);
+    }
+    // kohya's `metadata_*`: the model card fields of `modelspec.*`.
+    if let Some(t) = &a.metadata_title {
+        meta.title.clone_from(t);
+    }
+    for (key, value) in [
+        ("author", &a.metadata_author),
+        ("description", &a.metadata_description),
+        ("license", &a.metadata_license),
+        ("tags", &a.metadata_tags),
+        ("usage_hint", &a.metadata_usage_hint),
+        ("trigger_phrase", &a.metadata_trigger_phrase),
+    ] {
+        if let Some(v) = value {
+            meta.training.insert(format!("modelspec.{key}"), v.clone());
+        }
     }
     let prompts = match &a.sample_prompts {
         Some(p) => sample::read_prompts(p, 512, if flux { 1.0 } else { 7.5 })?,

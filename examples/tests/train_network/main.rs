@@ -16,6 +16,7 @@ mod diffusers_export;
 mod distributed;
 mod flux_run;
 mod flux_single_file;
+mod kohya_keys;
 mod resume;
 mod sdxl_run;
 mod short_run;
