@@ -175,6 +175,14 @@ fn spec(key: &str) -> Option<&'static KeySpec> {
     KEYS.iter().find(|s| s.key == key)
 }
 
+/// Whether `key` may stand in `[general]`: the dataset keys kohya's training scripts also take
+/// as command-line flags, which a training config without a dataset config sets directly
+/// (`resolution`, `shuffle_caption`, `caption_extension`, `flip_aug`, ...).
+#[must_use]
+pub fn is_general_key(key: &str) -> bool {
+    spec(key).is_some_and(|s| s.levels & G != 0)
+}
+
 fn levels_text(levels: u8) -> String {
     let mut v = Vec::new();
     if levels & G != 0 {

@@ -46,7 +46,7 @@ pub use bucket::{
 };
 pub use cache::{file_sha256, CacheKey, DiskCache, CACHE_FORMAT_VERSION};
 pub use caption::{CaptionConfig, CaptionStep};
-pub use config::{DatasetConfig, DatasetGroupConfig, SubsetConfig};
+pub use config::{is_general_key, DatasetConfig, DatasetGroupConfig, SubsetConfig};
 pub use dataset::{list_images, read_caption, Dataset, ImageEntry, LoadOptions};
 pub use dreambooth::{parse_dreambooth_dir_name, DreamBoothDirs};
 pub use error::{Error, Result};

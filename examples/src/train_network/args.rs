@@ -150,6 +150,13 @@ pub struct TrainArgs {
     pub cache_text_encoder_outputs: bool,
     /// kohya `cache_text_encoder_outputs_to_disk`: likewise, kept in `<output_dir>/cache`.
     pub cache_text_encoder_outputs_to_disk: bool,
+    /// kohya `train_data_dir`: DreamBooth folders (`<repeats>_<class tokens>/`), used when
+    /// there is no `dataset_config`, with the dataset keys of this config.
+    pub train_data_dir: Option<PathBuf>,
+    /// kohya `reg_data_dir`: regularisation folders, likewise.
+    pub reg_data_dir: Option<PathBuf>,
+    /// kohya `train_batch_size` (with `train_data_dir`; default 1).
+    pub train_batch_size: Option<usize>,
     /// kohya `metadata_title`: `modelspec.title` (default: `output_name`).
     pub metadata_title: Option<String>,
     /// kohya `metadata_author`: `modelspec.author`.
@@ -247,6 +254,9 @@ impl Default for TrainArgs {
             cache_latents_to_disk: false,
             cache_text_encoder_outputs: false,
             cache_text_encoder_outputs_to_disk: false,
+            train_data_dir: None,
+            reg_data_dir: None,
+            train_batch_size: None,
             metadata_title: None,
             metadata_author: None,
             metadata_description: None,
@@ -283,6 +293,10 @@ pub struct Config {
     pub train: TrainConfig,
     /// Loss keys.
     pub loss: LossConfig,
+    /// Dataset keys given in the training config (kohya's command-line dataset flags:
+    /// `resolution`, `shuffle_caption`, `caption_extension`, ...), for `train_data_dir`
+    /// ([`Config::dataset_toml`]); `prior_loss_weight` also applies over a `dataset_config`.
+    pub dataset_args: toml::Table,
 }
 
 /// Tries `key = value` against `T`: `Ok(true)` if `T` has the key, `Ok(false)` if not, an
@@ -334,10 +348,10 @@ impl Config {
                 v => flat.push((String::new(), k, v)),
             }
         }
-        let (mut args, mut train, mut loss) =
-            (toml::Table::new(), toml::Table::new(), toml::Table::new());
+        let (mut args, mut train, mut loss, mut dataset) =
+            (toml::Table::new(), toml::Table::new(), toml::Table::new(), toml::Table::new());
         for (section, key, value) in flat {
-            if args.contains_key(&key) || train.contains_key(&key) || loss.contains_key(&key) {
+            if [&args, &train, &loss, &dataset].iter().any(|t| t.contains_key(&key)) {
                 bail!("{}: {section}`{key}` is given twice", path.display());
             }
             let err = |e: String| anyhow!("{}: {section}`{key}`: {e}", path.display());
@@ -347,6 +361,10 @@ impl Config {
                 train.insert(key, value);
             } else if try_key::<LossConfig>(&key, &value).map_err(err)? {
                 loss.insert(key, value);
+            } else if lora_data::is_general_key(&key) || key == "caption_extention" {
+                // kohya's misspelt alias, still accepted by its scripts.
+                let key = if key == "caption_extention" { "caption_extension".into() } else { key };
+                dataset.insert(key, kohya_resolution(value));
             } else {
                 bail!("{}: {section}unknown key `{key}`", path.display());
             }
@@ -366,6 +384,8 @@ impl Config {
             &mut args.clip_l,
             &mut args.t5xxl,
             &mut args.ae,
+            &mut args.train_data_dir,
+            &mut args.reg_data_dir,
         ]
         .into_iter()
         .flatten()
@@ -378,7 +398,7 @@ impl Config {
             args.output_dir = base.join(&args.output_dir);
         }
         train.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let cfg = Config { path: path.to_path_buf(), args, train, loss };
+        let cfg = Config { path: path.to_path_buf(), args, train, loss, dataset_args: dataset };
         cfg.check()?;
         Ok(cfg)
     }
@@ -558,5 +578,62 @@ impl TrainArgs {
         say(h.log_with.is_some(), "log_with", logs);
         say(h.log_prefix.is_some(), "log_prefix", logs);
         out
+    }
+}
+
+/// kohya's command-line `resolution` (`"512"` or `"512,768"`, width first) as the dataset
+/// config's integer or `[width, height]`; any other value unchanged.
+fn kohya_resolution(value: toml::Value) -> toml::Value {
+    let toml::Value::String(text) = &value else { return value };
+    let parts: Vec<Option<i64>> = text.split(',').map(|p| p.trim().parse().ok()).collect();
+    match parts[..] {
+        [Some(n)] => toml::Value::Integer(n),
+        [Some(w), Some(h)] => toml::Value::Array(vec![w.into(), h.into()]),
+        _ => value,
+    }
+}
+
+impl Config {
+    /// The dataset config a run without `dataset_config` trains on (kohya's DreamBooth method
+    /// from the command line): every `<repeats>_<class tokens>` folder of `train_data_dir`
+    /// (and `reg_data_dir`, as regularisation) one subset, the config's dataset keys in
+    /// `[general]`, `train_batch_size` the batch size. Folders that do not follow the naming
+    /// are returned to be reported.
+    ///
+    /// # Errors
+    /// No `train_data_dir`, or no DreamBooth folder in it.
+    pub fn dataset_toml(&self) -> Result<(String, Vec<PathBuf>)> {
+        let p = self.path.display();
+        let a = &self.args;
+        let Some(train_dir) = &a.train_data_dir else {
+            bail!("{p}: set `dataset_config` (kohya's dataset TOML) or `train_data_dir`");
+        };
+        let dirs = lora_data::DreamBoothDirs::scan(
+            train_dir,
+            a.reg_data_dir.as_deref(),
+            &lora_data::SubsetConfig::new(train_dir),
+        )
+        .with_context(|| format!("{p}: `train_data_dir`"))?;
+        let mut root = toml::Table::new();
+        root.insert("general".into(), toml::Value::Table(self.dataset_args.clone()));
+        let subsets: Vec<toml::Value> = dirs
+            .subsets
+            .iter()
+            .map(|s| {
+                let mut t = toml::Table::new();
+                t.insert("image_dir".into(), s.image_dir.display().to_string().into());
+                t.insert("num_repeats".into(), i64::from(s.num_repeats).into());
+                if let Some(c) = &s.class_tokens {
+                    t.insert("class_tokens".into(), c.clone().into());
+                }
+                t.insert("is_reg".into(), s.is_reg.into());
+                toml::Value::Table(t)
+            })
+            .collect();
+        let mut dataset = toml::Table::new();
+        dataset.insert("batch_size".into(), (a.train_batch_size.unwrap_or(1) as i64).into());
+        dataset.insert("subsets".into(), toml::Value::Array(subsets));
+        root.insert("datasets".into(), toml::Value::Array(vec![toml::Value::Table(dataset)]));
+        Ok((toml::to_string(&root)?, dirs.ignored))
     }
 }

@@ -151,11 +151,8 @@ pub fn run(cli: &RunOptions) -> Result<RunSummary> {
     let device = distributed::device(dist.as_ref());
 
     // Data.
-    let ds_path = a.dataset_config.as_ref().ok_or_else(|| {
-        anyhow!("{}: `dataset_config` is required (kohya's dataset TOML)", cfg.path.display())
-    })?;
-    let ds_cfg = DatasetGroupConfig::load(ds_path)?;
-    check_caching(a, &ds_cfg, ds_path)?;
+    let (ds_cfg, ds_path) = dataset_config(&cfg)?;
+    check_caching(a, &ds_cfg, &ds_path)?;
     let group = DatasetGroup::build(
         ds_cfg,
         &LoadOptions { seed: cfg.train.seed, ..LoadOptions::default() },
@@ -301,6 +298,59 @@ fn run_flux(
     }
     let objective = cfg.loss.build_flow_matching()?;
     train(cfg, cli, data, model, objective, &injectors, groups, meta, device)
+}
+
+/// The dataset: `dataset_config`, or kohya's DreamBooth folders under `train_data_dir` with
+/// the training config's dataset keys (unconventional folders reported, as kohya warns). With
+/// a `dataset_config`, the training config's `prior_loss_weight` (a kohya training flag)
+/// applies to every dataset; any other dataset key there is an error (kohya ignores it with a
+/// warning). Returns the config and the file that names it in errors.
+fn dataset_config(cfg: &Config) -> Result<(DatasetGroupConfig, PathBuf)> {
+    let a = &cfg.args;
+    let p = cfg.path.display();
+    let Some(ds_path) = &a.dataset_config else {
+        let (text, ignored) = cfg.dataset_toml()?;
+        for dir in ignored {
+            eprintln!(
+                "train_network: `train_data_dir`: {} is not a `<repeats>_<class tokens>` folder; \
+                 skipped (as kohya)",
+                dir.display()
+            );
+        }
+        let ds = DatasetGroupConfig::from_toml_str(&text, &cfg.path)
+            .with_context(|| format!("{p}: the dataset keys of the training config"))?;
+        return Ok((ds, cfg.path.clone()));
+    };
+    let mut stray: Vec<String> =
+        cfg.dataset_args.keys().filter(|k| *k != "prior_loss_weight").cloned().collect();
+    for (key, set) in [
+        ("train_data_dir", a.train_data_dir.is_some()),
+        ("reg_data_dir", a.reg_data_dir.is_some()),
+        ("train_batch_size", a.train_batch_size.is_some()),
+    ] {
+        if set {
+            stray.push(key.into());
+        }
+    }
+    if !stray.is_empty() {
+        bail!(
+            "{p}: {}: dataset settings; with `dataset_config` = {} they belong in that file \
+             (kohya ignores them with a warning)",
+            stray.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
+            ds_path.display()
+        );
+    }
+    let mut ds = DatasetGroupConfig::load(ds_path)?;
+    if let Some(w) = cfg.dataset_args.get("prior_loss_weight") {
+        let w = w
+            .as_float()
+            .or_else(|| w.as_integer().map(|i| i as f64))
+            .ok_or_else(|| anyhow!("{p}: `prior_loss_weight` must be a number"))?;
+        for d in &mut ds.datasets {
+            d.prior_loss_weight = w;
+        }
+    }
+    Ok((ds, ds_path.clone()))
 }
 
 /// What caching cannot serve, refused as kohya does: latents of `random_crop` subsets (a new

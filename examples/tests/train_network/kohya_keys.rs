@@ -57,3 +57,79 @@ fn network_module_must_fit_the_family() {
     let err = format!("{:#}", Config::load(&config).unwrap_err());
     assert!(err.contains("`network_module`") && err.contains("use networks.lora"), "{err}");
 }
+
+/// kohya's DreamBooth method from the command line: no `dataset_config`, `train_data_dir` with
+/// `<repeats>_<class tokens>` folders and the dataset flags in the training config (kohya's
+/// string `resolution`, `train_batch_size`, the misspelt `caption_extention`) trains exactly
+/// as the same dataset written as a dataset TOML; dataset flags next to a `dataset_config`
+/// are refused by name.
+#[test]
+fn train_data_dir_trains_as_the_equivalent_dataset_config() {
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sub = data.join("3_photo cat");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::create_dir_all(data.join("notes")).unwrap();
+    let src = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../lora-data/tests/data/10_photo");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), sub.join(e.file_name())).unwrap();
+    }
+    let setup = Setup { steps: 3, ..Setup::default() };
+    let losses = |out: &std::path::Path| -> Vec<f64> {
+        crate::common::metrics(out).iter().map(|m| m["loss"].as_f64().unwrap()).collect()
+    };
+
+    // The reference: a dataset TOML.
+    let a = dir.path().join("toml");
+    std::fs::create_dir(&a).unwrap();
+    let config_a = write_config(&a, &setup);
+    let dataset = format!(
+        "[general]\ncaption_extension = \".txt\"\nshuffle_caption = false\n\n[[datasets]]\n\
+         resolution = [64, 64]\nbatch_size = 2\nenable_bucket = true\nmin_bucket_reso = 64\n\
+         max_bucket_reso = 128\nbucket_reso_steps = 32\n\n  [[datasets.subsets]]\n  \
+         image_dir = {:?}\n  num_repeats = 3\n  class_tokens = \"photo cat\"\n",
+        sub.display().to_string()
+    );
+    std::fs::write(a.join("dataset.toml"), dataset).unwrap();
+    let first = run(&RunOptions { config: config_a, ..RunOptions::default() }).unwrap();
+
+    // The same from train_data_dir and kohya's flags.
+    let b = dir.path().join("flags");
+    std::fs::create_dir(&b).unwrap();
+    let config_b = write_config(&b, &setup);
+    let text = std::fs::read_to_string(&config_b).unwrap().replace(
+        "dataset_config = \"dataset.toml\"",
+        &format!(
+            "train_data_dir = {:?}\nresolution = \"64,64\"\ntrain_batch_size = 2\n\
+             enable_bucket = true\nmin_bucket_reso = 64\nmax_bucket_reso = 128\n\
+             bucket_reso_steps = 32\ncaption_extention = \".txt\"\nshuffle_caption = false\n\
+             prior_loss_weight = 1.0",
+            data.display().to_string()
+        ),
+    );
+    std::fs::write(&config_b, text).unwrap();
+    let cfg = Config::load(&config_b).unwrap();
+    let (toml_text, ignored) = cfg.dataset_toml().unwrap();
+    assert_eq!(ignored, [data.join("notes")]);
+    assert!(toml_text.contains("class_tokens = \"photo cat\""), "{toml_text}");
+    let second = run(&RunOptions { config: config_b, ..RunOptions::default() }).unwrap();
+    assert_eq!(losses(&b.join("out")), losses(&a.join("out")));
+    assert_eq!(crate::common::raw_tensors(&second.lora), crate::common::raw_tensors(&first.lora));
+
+    // Dataset flags next to a dataset_config.
+    let text = std::fs::read_to_string(a.join("train.toml"))
+        .unwrap()
+        .replace("seed = 42", "seed = 42\nshuffle_caption = true\ntrain_batch_size = 4");
+    std::fs::write(a.join("train.toml"), text).unwrap();
+    let err = format!(
+        "{:#}",
+        run(&RunOptions { config: a.join("train.toml"), ..RunOptions::default() }).unwrap_err()
+    );
+    assert!(
+        err.contains("`shuffle_caption`, `train_batch_size`") && err.contains("dataset.toml"),
+        "{err}"
+    );
+}
