@@ -150,6 +150,9 @@ pub struct TrainArgs {
     pub cache_text_encoder_outputs: bool,
     /// kohya `cache_text_encoder_outputs_to_disk`: likewise, kept in `<output_dir>/cache`.
     pub cache_text_encoder_outputs_to_disk: bool,
+    /// kohya `vae` (SD / SDXL): the autoencoder from its own file (original or diffusers key
+    /// names) or diffusers folder instead of the checkpoint's, e.g. SDXL's fp16-fix VAE.
+    pub vae: Option<PathBuf>,
     /// kohya `train_data_dir`: DreamBooth folders (`<repeats>_<class tokens>/`), used when
     /// there is no `dataset_config`, with the dataset keys of this config.
     pub train_data_dir: Option<PathBuf>,
@@ -254,6 +257,7 @@ impl Default for TrainArgs {
             cache_latents_to_disk: false,
             cache_text_encoder_outputs: false,
             cache_text_encoder_outputs_to_disk: false,
+            vae: None,
             train_data_dir: None,
             reg_data_dir: None,
             train_batch_size: None,
@@ -385,6 +389,7 @@ impl Config {
             &mut args.t5xxl,
             &mut args.ae,
             &mut args.train_data_dir,
+            &mut args.vae,
             &mut args.reg_data_dir,
         ]
         .into_iter()
@@ -465,6 +470,11 @@ impl Config {
                 }
             }
             ModelFamily::Flux => {
+                if a.vae.is_some() {
+                    bail!(
+                        "{p}: `vae`: FLUX.1's autoencoder is `ae` (kohya's name); rename the key"
+                    );
+                }
                 for (key, set) in [
                     ("v2", a.v2),
                     ("clip_skip", a.clip_skip != 1),

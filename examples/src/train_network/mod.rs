@@ -387,6 +387,23 @@ fn check_caching(a: &args::TrainArgs, ds: &DatasetGroupConfig, path: &Path) -> R
     Ok(())
 }
 
+/// kohya's (and A1111's) legacy model hash: the first 8 hex digits of the SHA-256 of the
+/// 64 KiB at offset 1 MiB (fewer bytes for a smaller file); `IsADirectory` for a folder, as
+/// kohya writes on Linux.
+fn legacy_model_hash(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    if path.is_dir() {
+        return "IsADirectory".into();
+    }
+    let Ok(mut f) = std::fs::File::open(path) else { return "NOFILE".into() };
+    let mut buf = Vec::with_capacity(0x10000);
+    if f.seek(SeekFrom::Start(0x100000)).is_ok() {
+        let _ = f.take(0x10000).read_to_end(&mut buf);
+    }
+    Sha256::digest(&buf).iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
 /// kohya's `cache_latents` / `cache_text_encoder_outputs` (and their `_to_disk` forms, kept in
 /// `<output_dir>/cache`): the encoders' identities are the files and settings they come from.
 fn encode_cache_config(cfg: &Config) -> EncodeCacheConfig {
@@ -541,6 +558,20 @@ where
         ),
     ] {
         meta.training.insert(k.into(), v);
+    }
+    // kohya's model names and its legacy (A1111) hashes; the full-file SHA-256 kohya also
+    // writes (`ss_new_*_hash`) is not computed: it means reading a 24 GB checkpoint again.
+    for (name_key, hash_key, path) in [
+        ("ss_sd_model_name", "ss_sd_model_hash", &a.pretrained_model_name_or_path),
+        ("ss_vae_name", "ss_vae_hash", &a.vae),
+    ] {
+        if let Some(p) = path {
+            let base = p
+                .file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
+            meta.training.insert(name_key.into(), base);
+            meta.training.insert(hash_key.into(), legacy_model_hash(p));
+        }
     }
     // kohya's `metadata_*`: the model card fields of `modelspec.*`.
     if let Some(t) = &a.metadata_title {

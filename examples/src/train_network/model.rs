@@ -7,8 +7,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use lora_core::QuantBase;
 use lora_core::{kohya_targets, BlockArch, BlockWiseConfig, LayerFactory, LoraConfig};
 use lora_models::{
-    AutoencoderKL, ClipActivation, ClipTextConfig, ClipTextModel, DiffusersFolder, DownBlockType,
-    SingleFile, StateDict, UNet2DConditionModel, UNetConfig, UpBlockType, VaeConfig,
+    vae_from_ldm, AutoencoderKL, ClipActivation, ClipTextConfig, ClipTextModel, DiffusersFolder,
+    DownBlockType, SingleFile, StateDict, UNet2DConditionModel, UNetConfig, UpBlockType, VaeConfig,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -127,6 +127,13 @@ pub struct Weights {
 /// # Errors
 /// Unreadable checkpoints, missing parts.
 pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
+    let mut w = read_checkpoint(a)?;
+    override_vae(a, &mut w.vae)?;
+    Ok(w)
+}
+
+/// The checkpoint's (or the demo's) parts.
+fn read_checkpoint(a: &TrainArgs) -> Result<Weights> {
     let Some(path) = &a.pretrained_model_name_or_path else {
         let (u, v, t) = demo_configs();
         let dir = a.output_dir.join("demo-model");
@@ -165,6 +172,29 @@ pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
         te: (tc, Some(ts)),
         demo_dir: None,
     })
+}
+
+/// kohya's `vae`: replaces the checkpoint's autoencoder weights with those of `a.vae` (a
+/// diffusers folder, or one safetensors file with original / LDM names, `first_stage_model.`
+/// prefixed or not, or diffusers names), read for the architecture `vae.0`.
+///
+/// # Errors
+/// An unreadable file, or keys that fit neither naming (listed).
+pub fn override_vae(a: &TrainArgs, vae: &mut (VaeConfig, Option<StateDict>)) -> Result<()> {
+    let Some(p) = &a.vae else { return Ok(()) };
+    let read = || -> Result<(VaeConfig, StateDict)> {
+        if p.is_dir() {
+            return Ok(DiffusersFolder::vae_dir(p)?);
+        }
+        let sd = StateDict::read(p)?;
+        if sd.keys().any(|k| k.contains("down_blocks.") || k.contains("up_blocks.")) {
+            return Ok((vae.0.clone(), sd));
+        }
+        Ok((vae.0.clone(), vae_from_ldm(sd, &vae.0)?))
+    };
+    let (cfg, sd) = read().with_context(|| format!("`vae` = {}", p.display()))?;
+    *vae = (cfg, Some(sd));
+    Ok(())
 }
 
 /// The frozen base parts, built through the factories (which add the adapters) into their own

@@ -117,6 +117,13 @@ pub struct Weights {
 /// # Errors
 /// Unreadable checkpoints, a folder or file that is not SDXL, missing parts.
 pub fn read_weights(a: &TrainArgs) -> Result<Weights> {
+    let mut w = read_checkpoint(a)?;
+    super::model::override_vae(a, &mut w.vae)?;
+    Ok(w)
+}
+
+/// The checkpoint's (or the demo's) parts.
+fn read_checkpoint(a: &TrainArgs) -> Result<Weights> {
     let Some(path) = &a.pretrained_model_name_or_path else {
         let (u, v, t1, t2, proj) = demo_configs();
         let dir = a.output_dir.join(DEMO_DIR);

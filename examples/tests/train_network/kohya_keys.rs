@@ -133,3 +133,59 @@ fn train_data_dir_trains_as_the_equivalent_dataset_config() {
         "{err}"
     );
 }
+
+/// kohya's `vae`: the autoencoder from its own file, in diffusers or original (LDM) names,
+/// replaces the checkpoint's: the same weights give the same run, other weights another; the
+/// file's name and legacy hash are recorded as kohya records them.
+#[test]
+fn a_separate_vae_file_replaces_the_checkpoints() {
+    use lora_examples::train_network::model;
+    use lora_models::keys::KeyMap;
+    use tch::Tensor;
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup { steps: 3, ..Setup::default() };
+    let losses = |out: &std::path::Path| -> Vec<f64> {
+        let all: Vec<f64> =
+            crate::common::metrics(out).iter().map(|m| m["loss"].as_f64().unwrap()).collect();
+        all[all.len() - 3..].to_vec()
+    };
+    let config = write_config(dir.path(), &setup);
+    let base_text = std::fs::read_to_string(&config).unwrap();
+    run(&RunOptions { config: config.clone(), ..RunOptions::default() }).unwrap();
+    let out = dir.path().join("out");
+    let reference = losses(&out);
+
+    // The demo's VAE in diffusers names, in LDM names, and in LDM names with other weights.
+    let demo_vae = lora_models::StateDict::read(out.join("demo-model/vae.safetensors")).unwrap();
+    let map = KeyMap::vae(&model::demo_configs().1);
+    let ldm = |scale: f64| -> Vec<(String, Tensor)> {
+        demo_vae
+            .keys()
+            .map(|k| {
+                let r = map.to_ldm(k).unwrap_or_else(|| panic!("no LDM name for {k}"));
+                let t = demo_vae.get(k).unwrap();
+                let t =
+                    if r.conv_linear { t.unsqueeze(-1).unsqueeze(-1) } else { t.shallow_clone() };
+                (format!("first_stage_model.{}", r.key), t * scale)
+            })
+            .collect()
+    };
+    let diffusers_file = dir.path().join("vae_diffusers.safetensors");
+    std::fs::copy(out.join("demo-model/vae.safetensors"), &diffusers_file).unwrap();
+    let ldm_file = dir.path().join("vae_ldm.safetensors");
+    Tensor::write_safetensors(&ldm(1.0), &ldm_file).unwrap();
+    let other_file = dir.path().join("vae_other.safetensors");
+    Tensor::write_safetensors(&ldm(0.9), &other_file).unwrap();
+
+    for (file, same) in [(&diffusers_file, true), (&ldm_file, true), (&other_file, false)] {
+        let text = base_text
+            .replace("seed = 42", &format!("seed = 42\nvae = {:?}", file.display().to_string()));
+        std::fs::write(&config, text).unwrap();
+        let summary = run(&RunOptions { config: config.clone(), ..RunOptions::default() }).unwrap();
+        assert_eq!(losses(&out) == reference, same, "{}", file.display());
+        let meta = raw_header(&summary.lora)["__metadata__"].as_object().unwrap().clone();
+        assert_eq!(meta["ss_vae_name"], file.file_name().unwrap().to_string_lossy().as_ref());
+        assert_eq!(meta["ss_vae_hash"].as_str().unwrap().len(), 8);
+    }
+}
