@@ -13,9 +13,15 @@
 //! 8-bit kernel's `__powf` may differ in the last bit). Every multiply and add is rounded on its
 //! own; `nvcc` may fuse some of them into fma, so results on a GPU may differ from these (and
 //! from each other across compilers) by an ulp per operation, and rarely by one code.
+//!
+//! The tensor form here is the specification and runs on any device; contiguous CPU tensors
+//! take [`crate::cpu8`], the same operations fused into one pass per 256-element block (with
+//! a table-driven code lookup, [`crate::code_table`]), bit for bit equal to it (unit-tested on
+//! random states, NaN / infinite gradients and partial blocks) and about ten times faster.
 
 use tch::{Device, Kind, Tensor};
 
+use crate::cpu8::step_8bit_cpu;
 use crate::quant8::{dequantize_blocks, from_blocks, quantize_blocks, to_blocks, DynamicMap};
 
 /// The update a kernel applies.
@@ -45,29 +51,29 @@ pub(crate) struct Hyper {
 }
 
 /// f32 values of the kernel's scalars (held as f64 only to pass them to ATen, exactly).
-struct Scalars {
-    beta1: f64,
-    one_minus_beta1: f64,
-    beta2: f64,
-    one_minus_beta2: f64,
+pub(crate) struct Scalars {
+    pub(crate) beta1: f64,
+    pub(crate) one_minus_beta1: f64,
+    pub(crate) beta2: f64,
+    pub(crate) one_minus_beta2: f64,
     /// `1 - beta1^t`.
-    correction1: f64,
+    pub(crate) correction1: f64,
     /// `sqrt(1 - beta2^t)`.
-    correction2: f64,
-    eps: f64,
-    lr: f64,
+    pub(crate) correction2: f64,
+    pub(crate) eps: f64,
+    pub(crate) lr: f64,
     /// `(-lr * correction2) / correction1` (Adam).
-    step_size: f64,
+    pub(crate) step_size: f64,
     /// `correction2 * eps` (Adam).
-    eps_scaled: f64,
+    pub(crate) eps_scaled: f64,
     /// `1 - lr * weight_decay`, or `None` when `weight_decay <= 0` (the kernel skips it).
-    decay: Option<f64>,
+    pub(crate) decay: Option<f64>,
     /// AdEMAMix: `(alpha, beta3, 1 - beta3)`.
-    ademamix: Option<(f64, f64, f64)>,
+    pub(crate) ademamix: Option<(f64, f64, f64)>,
 }
 
 impl Scalars {
-    fn new(update: Update, h: &Hyper) -> Self {
+    pub(crate) fn new(update: Update, h: &Hyper) -> Self {
         let f = |x: f32| f64::from(x);
         let (beta1, beta2, eps, lr, wd) =
             (h.beta1 as f32, h.beta2 as f32, h.eps as f32, h.lr as f32, h.weight_decay as f32);
@@ -183,6 +189,11 @@ impl Q8<'_> {
 /// update `p` from the new f32 states and decay it, then requantize each state with its new
 /// absmax (max |state| over the block, padding of a partial last block included). An element
 /// whose gradient is NaN or infinite gets zero states and keeps its parameter value.
+///
+/// Contiguous CPU tensors take the fused single-pass form ([`crate::cpu8`]: split into tasks
+/// for libtorch's thread count and run on rayon's pool, serially when libtorch runs on one
+/// thread); anything else (other devices, strided views) the tensor form
+/// [`step_8bit_tensor`]. Both give the same bits.
 pub(crate) fn step_8bit(
     update: Update,
     h: &Hyper,
@@ -190,9 +201,25 @@ pub(crate) fn step_8bit(
     g: &Tensor,
     mut m1: Q8<'_>,
     mut nu: Q8<'_>,
-    m2: Option<Q8<'_>>,
+    mut m2: Option<Q8<'_>>,
 ) {
     let c = Scalars::new(update, h);
+    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1);
+    if step_8bit_cpu(&c, p, g, &mut m1, &mut nu, m2.as_mut(), threads) {
+        return;
+    }
+    step_8bit_tensor(&c, p, g, m1, nu, m2);
+}
+
+/// The tensor form of [`step_8bit`]: whole-tensor ATen operations, on any device.
+pub(crate) fn step_8bit_tensor(
+    c: &Scalars,
+    p: &mut Tensor,
+    g: &Tensor,
+    mut m1: Q8<'_>,
+    mut nu: Q8<'_>,
+    m2: Option<Q8<'_>>,
+) {
     let device = p.device();
     let gb = to_blocks(g, 0.0);
     let pb = to_blocks(p, 0.0);
@@ -209,7 +236,7 @@ pub(crate) fn step_8bit(
         }
         _ => None,
     };
-    let new = apply(&c, &pb, &s1, &s2, s3.as_ref(), device).where_self(&finite, &pb);
+    let new = apply(c, &pb, &s1, &s2, s3.as_ref(), device).where_self(&finite, &pb);
     p.copy_(&from_blocks(&new, &p.size()));
     m1.store(&s1, DynamicMap::Signed);
     nu.store(&s2, DynamicMap::Unsigned);

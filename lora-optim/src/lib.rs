@@ -19,7 +19,8 @@
 //!
 //! # Status
 //!
-//! Not yet here (issue 4): a fast single-pass CPU path and the benchmarks. A paged
+//! The 8-bit optimizers run one fused pass per 256-element block on CPU (rayon; the tensor
+//! form elsewhere, same bits). A paged
 //! variant is not planned: bitsandbytes' paging only moves state into CUDA unified memory so
 //! the driver can spill it to host RAM, with identical math; LoRA optimizer state is small.
 //!
@@ -60,6 +61,8 @@ mod adamw8bit;
 mod ademamix;
 mod ademamix8bit;
 mod clip;
+mod code_table;
+mod cpu8;
 mod group;
 mod kernel8;
 mod ops;

@@ -22,7 +22,9 @@
 //! goes down, an exact midpoint stays at the search pivot): the exact nearest code except at
 //! ties. NaN (`0 / 0` in an all-zero block) walks down to code 0. Here it is one `searchsorted`
 //! over the 255 f32 midpoints plus a table of the search's answer at each exact midpoint (a
-//! unit test checks it against a literal transcription of the search). The optimizer kernels then keep the *sign* of signed
+//! unit test checks it against a literal transcription of the search; the optimizers' CPU
+//! path uses the same answer as a table indexed by the top 16 bits of `x`, see
+//! [`crate::code_table`]). The optimizer kernels then keep the *sign* of signed
 //! states: if the nearest code has the other sign (a value below `2.75e-7 * absmax` rounds to the
 //! code for 0, which counts as positive), the code moves one step towards the value's sign, so
 //! a tiny negative moment is stored as `-5.5e-7 * absmax` ([`quantize_blockwise`] does this).
@@ -110,7 +112,7 @@ pub(crate) fn dequantize_blocks(codes: &Tensor, absmax: &Tensor, map: DynamicMap
 }
 
 /// `quantize_2D<SIGNED>` of bitsandbytes' `kernels.cu` on one value, transcribed literally.
-fn kernel_search(values: &[f32; 256], signed: bool, x: f32) -> i64 {
+pub(crate) fn kernel_search(values: &[f32; 256], signed: bool, x: f32) -> i64 {
     let (mut pivot, mut upper_pivot, mut lower_pivot) = (127usize, 255usize, 0usize);
     let (mut lower, mut upper) = (if signed { -1.0f32 } else { 0.0 }, 1.0f32);
     let mut val = values[pivot];
