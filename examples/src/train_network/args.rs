@@ -150,6 +150,9 @@ pub struct TrainArgs {
     pub cache_text_encoder_outputs: bool,
     /// kohya `cache_text_encoder_outputs_to_disk`: likewise, kept in `<output_dir>/cache`.
     pub cache_text_encoder_outputs_to_disk: bool,
+    /// kohya `scale_weight_norms`: max-norm regularisation of every adapter after each update
+    /// (`None` or 0: off, as kohya).
+    pub scale_weight_norms: Option<f64>,
     /// kohya `vae` (SD / SDXL): the autoencoder from its own file (original or diffusers key
     /// names) or diffusers folder instead of the checkpoint's, e.g. SDXL's fp16-fix VAE.
     pub vae: Option<PathBuf>,
@@ -257,6 +260,7 @@ impl Default for TrainArgs {
             cache_latents_to_disk: false,
             cache_text_encoder_outputs: false,
             cache_text_encoder_outputs_to_disk: false,
+            scale_weight_norms: None,
             vae: None,
             train_data_dir: None,
             reg_data_dir: None,
@@ -440,6 +444,9 @@ impl Config {
         if a.save_model_as != "safetensors" {
             bail!("{p}: `save_model_as` = {:?}: only safetensors is supported", a.save_model_as);
         }
+        if let Some(v) = a.scale_weight_norms.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+            bail!("{p}: `scale_weight_norms` = {v}: must be a number >= 0 (0: off)");
+        }
         if a.network_train_unet_only && a.network_train_text_encoder_only {
             bail!("{p}: network_train_unet_only and network_train_text_encoder_only exclude each other");
         }
@@ -551,6 +558,11 @@ pub fn kv_list(list: &[String], what: &str) -> Result<Vec<(String, String)>> {
 }
 
 impl TrainArgs {
+    /// The max-norm bound of kohya's `scale_weight_norms` (0 means off, as kohya's falsy test).
+    pub fn max_norm(&self) -> Option<f64> {
+        self.scale_weight_norms.filter(|&v| v != 0.0)
+    }
+
     /// kohya keys that select an implementation or a logger kohya has and this trainer does
     /// not need: accepted so kohya configs run unchanged, and each one set is reported here
     /// (one line each: what this trainer does instead), never silently dropped.

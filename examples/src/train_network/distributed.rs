@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use lora_core::dist::{
     Backend, DistEnv, GradSync, ProcessGroup, DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT,
 };
-use lora_core::train::{BatchSource, Denoiser, NoObserver, Objective, Trainer};
+use lora_core::train::{BatchSource, Denoiser, Objective, Trainer};
 use lora_data::{Batch, Shard};
 use tch::Device;
 
@@ -96,13 +96,14 @@ pub fn run_follower<M, O, S>(
     trainer: &mut Trainer<M, O>,
     source: &S,
     a: &TrainArgs,
+    observer: &mut super::observe::FollowerObserver<'_>,
 ) -> Result<RunSummary>
 where
     M: Denoiser<Batch = Batch>,
     O: Objective,
     S: BatchSource<Batch = Batch>,
 {
-    let state = trainer.run(source, &mut NoObserver)?;
+    let state = trainer.run(source, observer)?;
     Ok(RunSummary {
         lora: a.output_dir.join(format!("{}.safetensors", a.output_name)),
         losses: Vec::new(),

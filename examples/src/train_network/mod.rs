@@ -535,7 +535,9 @@ where
     }
 
     if !distributed::is_main(data.dist.as_ref()) {
-        return distributed::run_follower(&mut trainer, &data.source, a);
+        let mut observer =
+            observe::FollowerObserver { injectors: injectors.to_vec(), max_norm: a.max_norm() };
+        return distributed::run_follower(&mut trainer, &data.source, a, &mut observer);
     }
 
     // Reporting.
@@ -618,6 +620,10 @@ where
         every_n_epochs: a.sample_every_n_epochs,
     };
     let progress = (a.progress_bar && cli.progress).then_some((trainer.state().step, total));
+    meta.training.insert(
+        "ss_scale_weight_norms".into(),
+        a.scale_weight_norms.map_or_else(|| "None".into(), |v| v.to_string()),
+    );
     let mut reporter = Reporter::new(
         injectors.to_vec(),
         meta,
@@ -627,6 +633,7 @@ where
         sampling,
         progress,
     )?;
+    reporter.max_norm = a.max_norm();
     eprintln!(
         "train_network: {} adapters, {n_params} trainable parameters, {} batches/epoch, {total} steps, {:?} on {device:?}",
         injectors.iter().map(|i| i.adapters().len()).sum::<usize>(),

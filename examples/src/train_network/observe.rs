@@ -58,6 +58,8 @@ pub struct Reporter<'a> {
     pub samples: Vec<PathBuf>,
     /// The step of the last sampling round (the final round is not repeated).
     last_sampled: Option<u64>,
+    /// kohya `scale_weight_norms`: max-norm regularisation after every update.
+    pub max_norm: Option<f64>,
 }
 
 impl<'a> Reporter<'a> {
@@ -107,6 +109,7 @@ impl<'a> Reporter<'a> {
             first_step,
             samples: Vec::new(),
             last_sampled: None,
+            max_norm: None,
         })
     }
 
@@ -180,18 +183,29 @@ impl<M: SamplingModel> Observer<M> for Reporter<'_> {
             self.ema = Some(self.ema.map_or(r.loss, |e| 0.9 * e + 0.1 * r.loss));
             self.losses.push((state.micro_batches as f64, r.loss));
         }
+        let norms = match self.max_norm {
+            Some(m) if r.updated => Some(lora_core::apply_max_norm(&self.injectors, m)?),
+            _ => None,
+        };
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let its = (r.step - self.first_step) as f64 / secs;
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "step": r.step, "epoch": state.epoch, "micro_batch": state.micro_batches,
             "loss": r.loss, "loss_ema": self.ema, "lr": r.lr, "grad_norm": r.grad_norm,
             "skipped": r.skipped, "it_per_s": its,
         });
+        if let Some(n) = &norms {
+            line["keys_scaled"] = n.keys_scaled.into();
+            line["average_key_norm"] = n.mean_norm.into();
+        }
         writeln!(self.metrics, "{line}").map_err(io)?;
         if let Some(bar) = &self.bar {
             bar.set_position(r.step);
+            let scaled = norms.map_or(String::new(), |n| {
+                format!("  keys scaled {}  avg key norm {:.3}", n.keys_scaled, n.mean_norm)
+            });
             bar.set_message(format!(
-                "loss {:.4}  lr {:.2e}  {its:.2} it/s",
+                "loss {:.4}  lr {:.2e}  {its:.2} it/s{scaled}",
                 self.ema.unwrap_or(f64::NAN),
                 r.lr
             ));
@@ -219,5 +233,24 @@ impl<M: SamplingModel> Observer<M> for Reporter<'_> {
         let side =
             self.output_dir.join(format!("{}-{:06}.safetensors", self.output_name, state.step));
         self.save_lora(&side, state)
+    }
+}
+
+/// The observer of a data-parallel follower: what every rank must do to its own adapters
+/// (kohya's `scale_weight_norms`), nothing it writes.
+#[derive(Debug)]
+pub struct FollowerObserver<'a> {
+    /// Adapters.
+    pub injectors: Vec<&'a Injector<'a>>,
+    /// kohya `scale_weight_norms`.
+    pub max_norm: Option<f64>,
+}
+
+impl<M> Observer<M> for FollowerObserver<'_> {
+    fn on_step(&mut self, _: &M, r: &StepReport, _: &TrainState) -> lora_core::Result<()> {
+        if let (Some(m), true) = (self.max_norm, r.updated) {
+            lora_core::apply_max_norm(&self.injectors, m)?;
+        }
+        Ok(())
     }
 }

@@ -189,3 +189,51 @@ fn a_separate_vae_file_replaces_the_checkpoints() {
         assert_eq!(meta["ss_vae_hash"].as_str().unwrap().len(), 8);
     }
 }
+
+/// kohya's `scale_weight_norms`: every saved module's delta `alpha / rank · up · down` has a
+/// norm at most the bound (the same run without it exceeds the bound), the steps report how
+/// many modules were scaled, and the file records the setting.
+#[test]
+fn scale_weight_norms_bounds_every_module() {
+    use lora_core::io::AdapterFile;
+    use tch::Kind;
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let bound = 0.02;
+    let max_module_norm = |file: &std::path::Path| -> f64 {
+        let f = AdapterFile::read(file).unwrap();
+        f.modules
+            .values()
+            .map(|m| {
+                let (d, u) = (m.down.to_kind(Kind::Double), m.up.to_kind(Kind::Double));
+                let rank = d.size()[0] as f64;
+                let scale = m.alpha.unwrap_or(rank) / rank;
+                (u.flatten(1, -1).mm(&d.flatten(1, -1)) * scale).norm().double_value(&[])
+            })
+            .fold(0.0, f64::max)
+    };
+    let mut results = Vec::new();
+    for (name, extra) in [("plain", ""), ("bounded", "\nscale_weight_norms = 0.02")] {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let config = write_config(&d, &Setup { steps: 6, lr: 1e-2, ..Setup::default() });
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("seed = 42", &format!("seed = 42{extra}"));
+        std::fs::write(&config, text).unwrap();
+        let summary = run(&RunOptions { config, ..RunOptions::default() }).unwrap();
+        let metrics = crate::common::metrics(&d.join("out"));
+        let scaled: u64 = metrics.iter().filter_map(|m| m["keys_scaled"].as_u64()).sum();
+        let meta = raw_header(&summary.lora)["__metadata__"].as_object().unwrap().clone();
+        results.push((
+            max_module_norm(&summary.lora),
+            scaled,
+            meta["ss_scale_weight_norms"].clone(),
+        ));
+    }
+    let (plain, bounded) = (&results[0], &results[1]);
+    assert!(plain.0 > 2.0 * bound, "the unbounded run stays under the bound: {plain:?}");
+    assert!(bounded.0 <= bound * (1.0 + 1e-3), "{bounded:?}");
+    assert!(bounded.1 > 0 && plain.1 == 0, "{results:?}");
+    assert_eq!((plain.2.as_str(), bounded.2.as_str()), (Some("None"), Some("0.02")));
+}
