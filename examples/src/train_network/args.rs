@@ -150,6 +150,11 @@ pub struct TrainArgs {
     pub cache_text_encoder_outputs: bool,
     /// kohya `cache_text_encoder_outputs_to_disk`: likewise, kept in `<output_dir>/cache`.
     pub cache_text_encoder_outputs_to_disk: bool,
+    /// kohya `save_last_n_steps`: keep only the intermediate LoRA files of the last this many
+    /// steps.
+    pub save_last_n_steps: Option<u64>,
+    /// kohya `save_last_n_epochs`: keep only the last this many epoch files.
+    pub save_last_n_epochs: Option<u32>,
     /// kohya `scale_weight_norms`: max-norm regularisation of every adapter after each update
     /// (`None` or 0: off, as kohya).
     pub scale_weight_norms: Option<f64>,
@@ -260,6 +265,8 @@ impl Default for TrainArgs {
             cache_latents_to_disk: false,
             cache_text_encoder_outputs: false,
             cache_text_encoder_outputs_to_disk: false,
+            save_last_n_steps: None,
+            save_last_n_epochs: None,
             scale_weight_norms: None,
             vae: None,
             train_data_dir: None,

@@ -634,6 +634,10 @@ where
         progress,
     )?;
     reporter.max_norm = a.max_norm();
+    reporter.total_steps = Some(total);
+    reporter.keep_last_steps = a.save_last_n_steps;
+    reporter.keep_last_epochs =
+        a.save_last_n_epochs.map(|n| (n, cfg.train.save_every_n_epochs.unwrap_or(1)));
     eprintln!(
         "train_network: {} adapters, {n_params} trainable parameters, {} batches/epoch, {total} steps, {:?} on {device:?}",
         injectors.iter().map(|i| i.adapters().len()).sum::<usize>(),

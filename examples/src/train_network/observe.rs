@@ -60,6 +60,13 @@ pub struct Reporter<'a> {
     last_sampled: Option<u64>,
     /// kohya `scale_weight_norms`: max-norm regularisation after every update.
     pub max_norm: Option<f64>,
+    /// The run's length: its final checkpoint writes no intermediate file.
+    pub total_steps: Option<u64>,
+    /// kohya `save_last_n_steps`: keep the step files of the last this many steps.
+    pub keep_last_steps: Option<u64>,
+    /// kohya `save_last_n_epochs` with `save_every_n_epochs`: keep the last this many epoch
+    /// files (`(n, every)`).
+    pub keep_last_epochs: Option<(u32, u32)>,
 }
 
 impl<'a> Reporter<'a> {
@@ -110,7 +117,35 @@ impl<'a> Reporter<'a> {
             samples: Vec::new(),
             last_sampled: None,
             max_norm: None,
+            keep_last_steps: None,
+            keep_last_epochs: None,
+            total_steps: None,
         })
+    }
+
+    /// Removes intermediate files older than kohya's `save_last_n_steps` / `save_last_n_epochs`
+    /// window (kohya removes the one that just left it at each save; this removes every one
+    /// outside it, so a resumed run prunes too).
+    fn prune(&self, step: u64, ended_epoch: Option<u32>) -> lora_core::Result<()> {
+        let io = |path: PathBuf| move |e| lora_core::Error::Io { path, source: e };
+        let entries = std::fs::read_dir(&self.output_dir).map_err(io(self.output_dir.clone()))?;
+        for entry in entries {
+            let path = entry.map_err(io(self.output_dir.clone()))?.path();
+            let Some(file) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            let old = match parse_side_name(&self.output_name, file) {
+                Some(SideFile::Step(s)) if ended_epoch.is_none() => {
+                    self.keep_last_steps.is_some_and(|n| s + n < step)
+                }
+                Some(SideFile::Epoch(e)) => ended_epoch
+                    .zip(self.keep_last_epochs)
+                    .is_some_and(|(ended, (n, every))| e + n * every <= ended),
+                _ => false,
+            };
+            if old {
+                std::fs::remove_file(&path).map_err(io(path.clone()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the LoRA file to `path` with `steps` in its metadata.
@@ -120,7 +155,14 @@ impl<'a> Reporter<'a> {
     pub fn save_lora(&self, path: &Path, state: &TrainState) -> lora_core::Result<()> {
         let mut meta = self.meta.clone();
         meta.training.insert("ss_steps".into(), state.step.to_string());
-        meta.training.insert("ss_epoch".into(), state.epoch.to_string());
+        // kohya's `ss_epoch`: the epoch in progress, or the one that just ended (the state
+        // has then moved on to the next one).
+        let epoch = if state.batch_in_epoch == 0 && state.step > 0 {
+            state.epoch.saturating_sub(1)
+        } else {
+            state.epoch
+        };
+        meta.training.insert("ss_epoch".into(), epoch.to_string());
         save_kohya(path, &self.injectors, self.precision, None, &meta)
     }
 
@@ -229,10 +271,24 @@ impl<M: SamplingModel> Observer<M> for Reporter<'_> {
             .map_err(|e| lora_core::Error::Io { path: "metrics.jsonl".into(), source: e })?;
         let name = format!("{}.safetensors", self.output_name);
         self.save_lora(&dir.join(&name), state)?;
-        // kohya's intermediate file next to the final one.
-        let side =
-            self.output_dir.join(format!("{}-{:06}.safetensors", self.output_name, state.step));
-        self.save_lora(&side, state)
+        // kohya's intermediate file next to the final one: `<name>-<epoch:06>` for a save at
+        // an epoch's end (the trainer has moved to the next epoch), `<name>-step<step:08>`
+        // otherwise; older ones pruned by `save_last_n_epochs` / `save_last_n_steps`.
+        // The end of the run writes the final file instead (kohya saves no intermediate file
+        // for the last epoch or step).
+        if self.total_steps.is_some_and(|t| state.step >= t) {
+            return Ok(());
+        }
+        let at_epoch_end = state.batch_in_epoch == 0 && state.step > 0;
+        // `state.epoch` (1-based) is already the next epoch's.
+        let ended = state.epoch.saturating_sub(1);
+        let side = if at_epoch_end {
+            side_name(&self.output_name, SideFile::Epoch(ended))
+        } else {
+            side_name(&self.output_name, SideFile::Step(state.step))
+        };
+        self.save_lora(&self.output_dir.join(side), state)?;
+        self.prune(state.step, at_epoch_end.then_some(ended))
     }
 }
 
@@ -252,5 +308,52 @@ impl<M> Observer<M> for FollowerObserver<'_> {
             lora_core::apply_max_norm(&self.injectors, m)?;
         }
         Ok(())
+    }
+}
+
+/// An intermediate LoRA file, as kohya names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SideFile {
+    /// Saved at the end of this (1-based) epoch: `<name>-000003.safetensors`.
+    Epoch(u32),
+    /// Saved after this step: `<name>-step00000050.safetensors`.
+    Step(u64),
+}
+
+fn side_name(name: &str, f: SideFile) -> String {
+    match f {
+        SideFile::Epoch(e) => format!("{name}-{e:06}.safetensors"),
+        SideFile::Step(s) => format!("{name}-step{s:08}.safetensors"),
+    }
+}
+
+fn parse_side_name(name: &str, file: &str) -> Option<SideFile> {
+    let rest = file.strip_prefix(name)?.strip_prefix('-')?.strip_suffix(".safetensors")?;
+    match rest.strip_prefix("step") {
+        Some(n) if n.len() == 8 => n.parse().ok().map(SideFile::Step),
+        None if rest.len() == 6 => rest.parse().ok().map(SideFile::Epoch),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_names_round_trip_and_ignore_other_files() {
+        for f in [SideFile::Epoch(3), SideFile::Step(50)] {
+            assert_eq!(parse_side_name("lora", &side_name("lora", f)), Some(f));
+        }
+        assert_eq!(side_name("lora", SideFile::Step(50)), "lora-step00000050.safetensors");
+        assert_eq!(side_name("lora", SideFile::Epoch(3)), "lora-000003.safetensors");
+        for other in [
+            "lora.safetensors",
+            "lora-x.safetensors",
+            "lora2-000001.safetensors",
+            "lora-0001.safetensors",
+        ] {
+            assert_eq!(parse_side_name("lora", other), None, "{other}");
+        }
     }
 }

@@ -237,3 +237,27 @@ fn scale_weight_norms_bounds_every_module() {
     assert!(bounded.1 > 0 && plain.1 == 0, "{results:?}");
     assert_eq!((plain.2.as_str(), bounded.2.as_str()), (Some("None"), Some("0.02")));
 }
+
+/// kohya's intermediate file names (`<name>-<epoch:06>` at an epoch's end,
+/// `<name>-step<step:08>` otherwise) and `save_last_n_steps` / `save_last_n_epochs`: 9 steps
+/// of 3 per epoch, saving every 2 steps and every epoch, keeping the last step and epoch.
+#[test]
+fn intermediate_files_are_named_and_pruned_as_kohya() {
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        write_config(dir.path(), &Setup { steps: 9, save_every: Some(2), ..Setup::default() });
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "seed = 42",
+        "seed = 42\nsave_every_n_epochs = 1\nsave_last_n_steps = 1\nsave_last_n_epochs = 1",
+    );
+    std::fs::write(&config, text).unwrap();
+    run(&RunOptions { config, ..RunOptions::default() }).unwrap();
+    let mut side: Vec<String> = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("demo_lora-"))
+        .collect();
+    side.sort();
+    assert_eq!(side, ["demo_lora-000002.safetensors", "demo_lora-step00000008.safetensors"]);
+}
