@@ -150,6 +150,8 @@ pub struct TrainArgs {
     pub cache_text_encoder_outputs: bool,
     /// kohya `cache_text_encoder_outputs_to_disk`: likewise, kept in `<output_dir>/cache`.
     pub cache_text_encoder_outputs_to_disk: bool,
+    /// kohya `sample_at_first`: one sampling round before the first step.
+    pub sample_at_first: bool,
     /// kohya `save_last_n_steps`: keep only the intermediate LoRA files of the last this many
     /// steps.
     pub save_last_n_steps: Option<u64>,
@@ -265,6 +267,7 @@ impl Default for TrainArgs {
             cache_latents_to_disk: false,
             cache_text_encoder_outputs: false,
             cache_text_encoder_outputs_to_disk: false,
+            sample_at_first: false,
             save_last_n_steps: None,
             save_last_n_epochs: None,
             scale_weight_norms: None,

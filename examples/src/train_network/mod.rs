@@ -644,6 +644,10 @@ where
         data.batches_per_epoch,
         a.optimizer_type,
     );
+    // kohya's `sample_at_first`: the model as it starts (step 0, or the resumed step).
+    if a.sample_at_first {
+        reporter.sample(trainer.denoiser(), trainer.state().step)?;
+    }
     let state = trainer.run(&data.source, &mut reporter)?;
     let out = a.output_dir.join(format!("{}.safetensors", a.output_name));
     reporter.save_lora(&out, &state)?;

@@ -166,7 +166,11 @@ impl<'a> Reporter<'a> {
         save_kohya(path, &self.injectors, self.precision, None, &meta)
     }
 
-    fn sample<M: SamplingModel>(&mut self, model: &M, step: u64) -> lora_core::Result<()> {
+    /// One sampling round at `step` (once per step; no prompts: nothing).
+    ///
+    /// # Errors
+    /// Sampling or image-writing errors.
+    pub fn sample<M: SamplingModel>(&mut self, model: &M, step: u64) -> lora_core::Result<()> {
         if self.sampling.prompts.is_empty() || self.last_sampled == Some(step) {
             return Ok(());
         }

@@ -261,3 +261,25 @@ fn intermediate_files_are_named_and_pruned_as_kohya() {
     side.sort();
     assert_eq!(side, ["demo_lora-000002.safetensors", "demo_lora-step00000008.safetensors"]);
 }
+
+/// kohya's `sample_at_first`: a sampling round before the first step, besides the final one.
+#[test]
+fn sample_at_first_samples_the_untrained_model() {
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let setup =
+        Setup { steps: 2, prompt: Some("a photo --w 64 --h 64 --s 2 --d 3"), ..Setup::default() };
+    let config = write_config(dir.path(), &setup);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("seed = 42", "seed = 42\nsample_at_first = true");
+    std::fs::write(&config, text).unwrap();
+    let summary = run(&RunOptions { config, ..RunOptions::default() }).unwrap();
+    let names: Vec<String> = summary
+        .samples
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names[0].contains("_000000_") && names[1].contains("_000002_"), "{names:?}");
+}
