@@ -69,6 +69,7 @@ pub use clip::config::{ClipActivation, ClipTextConfig};
 pub use clip::projection::{ClipTextModelWithProjection, SdxlTextOutput};
 pub use clip::text_model::{ClipHiddenStates, ClipTextModel, ClipTextOutput};
 pub use clip::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
+pub use encode_cache::{CacheStats, EncodeCache, EncodeCacheConfig, EncodeParts};
 pub use flux::config::FluxConfig;
 pub use flux::keys::{
     open_flux_diffusers, read_flux_diffusers, read_flux_single_file, FluxKeyMap, FluxModuleRule,
@@ -79,7 +80,6 @@ pub use flux_lora::{
     convert_flux_lora_file, flux_diffusers_to_kohya, flux_kohya_to_diffusers, FluxLoraFormat,
     FluxLoraTargets,
 };
-pub use encode_cache::{CacheStats, EncodeCache, EncodeCacheConfig, EncodeParts};
 pub use flux_pipeline::{Flux, FluxCond};
 pub use lazy::LazyTensors;
 pub use lora_core::{Error, Result};

@@ -90,8 +90,9 @@ pub struct TrainArgs {
     pub learning_rate: f64,
     /// kohya `lr_scheduler`.
     pub lr_scheduler: String,
-    /// kohya `lr_warmup_steps`.
-    pub lr_warmup_steps: u64,
+    /// kohya `lr_warmup_steps`: an integer is a step count, a float a fraction of the run
+    /// (kohya: `int(lr_warmup_steps * max_train_steps)` for a float).
+    pub lr_warmup_steps: WarmupSteps,
     /// kohya `lr_scheduler_num_cycles`.
     pub lr_scheduler_num_cycles: Option<f64>,
     /// kohya `lr_scheduler_power`.
@@ -242,7 +243,7 @@ impl Default for TrainArgs {
             optimizer_args: Vec::new(),
             learning_rate: 1e-4,
             lr_scheduler: "constant".into(),
-            lr_warmup_steps: 0,
+            lr_warmup_steps: WarmupSteps::Steps(0),
             lr_scheduler_num_cycles: None,
             lr_scheduler_power: 1.0,
             output_dir: "output".into(),
@@ -453,6 +454,11 @@ impl Config {
         }
         if a.save_model_as != "safetensors" {
             bail!("{p}: `save_model_as` = {:?}: only safetensors is supported", a.save_model_as);
+        }
+        if let WarmupSteps::Ratio(r) = a.lr_warmup_steps {
+            if !(0.0..=1.0).contains(&r) {
+                bail!("{p}: `lr_warmup_steps` = {r}: a float is a fraction of the run, in [0, 1]");
+            }
         }
         if let Some(v) = a.scale_weight_norms.filter(|v| !(v.is_finite() && *v >= 0.0)) {
             bail!("{p}: `scale_weight_norms` = {v}: must be a number >= 0 (0: off)");
@@ -667,5 +673,25 @@ impl Config {
         dataset.insert("subsets".into(), toml::Value::Array(subsets));
         root.insert("datasets".into(), toml::Value::Array(vec![toml::Value::Table(dataset)]));
         Ok((toml::to_string(&root)?, dirs.ignored))
+    }
+}
+
+/// kohya's `lr_warmup_steps`: steps (an integer) or a fraction of the run (a float).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum WarmupSteps {
+    /// A step count.
+    Steps(u64),
+    /// A fraction of `max_train_steps`.
+    Ratio(f64),
+}
+
+impl WarmupSteps {
+    /// The warm-up in steps for a run of `total` steps (kohya truncates the product).
+    pub fn steps(self, total: u64) -> u64 {
+        match self {
+            WarmupSteps::Steps(n) => n,
+            WarmupSteps::Ratio(r) => (r * total as f64) as u64,
+        }
     }
 }

@@ -508,7 +508,7 @@ where
             anyhow!("{}: `lr_scheduler` = {:?}: {e}", cfg.path.display(), a.lr_scheduler)
         })?;
     let schedule = LrScheduleConfig {
-        warmup_steps: a.lr_warmup_steps,
+        warmup_steps: a.lr_warmup_steps.steps(total),
         total_steps: Some(total),
         num_cycles: a.lr_scheduler_num_cycles,
         power: a.lr_scheduler_power,

@@ -283,3 +283,33 @@ fn sample_at_first_samples_the_untrained_model() {
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names[0].contains("_000000_") && names[1].contains("_000002_"), "{names:?}");
 }
+
+/// kohya's float `lr_warmup_steps` is a fraction of the run: 0.5 of 6 steps warms up exactly
+/// as 3 steps; a fraction above 1 is refused.
+#[test]
+fn a_float_warmup_is_a_fraction_of_the_run() {
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lrs = Vec::new();
+    for (name, warmup) in [("steps", "3"), ("ratio", "0.5")] {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let config = write_config(&d, &Setup { steps: 6, ..Setup::default() });
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("lr_warmup_steps = 4", &format!("lr_warmup_steps = {warmup}"));
+        std::fs::write(&config, text).unwrap();
+        run(&RunOptions { config, ..RunOptions::default() }).unwrap();
+        let m = crate::common::metrics(&d.join("out"));
+        lrs.push(m.iter().map(|m| m["lr"].as_f64().unwrap()).collect::<Vec<_>>());
+    }
+    assert_eq!(lrs[0], lrs[1]);
+    assert!(lrs[0][0] < lrs[0][2], "no warm-up: {:?}", lrs[0]);
+    let config = write_config(dir.path(), &Setup::default());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("lr_warmup_steps = 4", "lr_warmup_steps = 1.5");
+    std::fs::write(&config, text).unwrap();
+    let err = format!("{:#}", Config::load(&config).unwrap_err());
+    assert!(err.contains("`lr_warmup_steps` = 1.5"), "{err}");
+}

@@ -9,8 +9,8 @@
 //! One binary: each test binary links libtorch. The trainer seeds tch's global RNG, so every
 //! test holds [`common::lock`] for its whole length.
 
-mod common;
 mod cache_run;
+mod common;
 mod config_errors;
 mod diffusers_export;
 mod distributed;
