@@ -316,6 +316,9 @@ pub struct Config {
     /// `resolution`, `shuffle_caption`, `caption_extension`, ...), for `train_data_dir`
     /// ([`Config::dataset_toml`]); `prior_loss_weight` also applies over a `dataset_config`.
     pub dataset_args: toml::Table,
+    /// kohya keys accepted without effect (tuning and logging switches of kohya's own
+    /// machinery), one line each for the run's report ([`Config::report`]).
+    pub reported: Vec<String>,
 }
 
 /// Tries `key = value` against `T`: `Ok(true)` if `T` has the key, `Ok(false)` if not, an
@@ -369,6 +372,7 @@ impl Config {
         }
         let (mut args, mut train, mut loss, mut dataset) =
             (toml::Table::new(), toml::Table::new(), toml::Table::new(), toml::Table::new());
+        let mut reported = Vec::new();
         for (section, key, value) in flat {
             if [&args, &train, &loss, &dataset].iter().any(|t| t.contains_key(&key)) {
                 bail!("{}: {section}`{key}` is given twice", path.display());
@@ -384,6 +388,17 @@ impl Config {
                 // kohya's misspelt alias, still accepted by its scripts.
                 let key = if key == "caption_extention" { "caption_extension".into() } else { key };
                 dataset.insert(key, kohya_resolution(value));
+            } else if let Some(k) = kohya_only(&key) {
+                match k {
+                    KohyaOnly::Report(why) => {
+                        reported.push(format!("`{key}` has no effect here: {why}"))
+                    }
+                    KohyaOnly::DefaultOnly(default, why) if !default.matches(&value) => bail!(
+                        "{}: {section}`{key}` = {value}: {why} (only kohya's default is accepted)",
+                        path.display()
+                    ),
+                    KohyaOnly::DefaultOnly(..) => {}
+                }
             } else {
                 bail!("{}: {section}unknown key `{key}`", path.display());
             }
@@ -418,7 +433,8 @@ impl Config {
             args.output_dir = base.join(&args.output_dir);
         }
         train.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let cfg = Config { path: path.to_path_buf(), args, train, loss, dataset_args: dataset };
+        let cfg =
+            Config { path: path.to_path_buf(), args, train, loss, dataset_args: dataset, reported };
         cfg.check()?;
         Ok(cfg)
     }
@@ -693,5 +709,88 @@ impl WarmupSteps {
             WarmupSteps::Steps(n) => n,
             WarmupSteps::Ratio(r) => (r * total as f64) as u64,
         }
+    }
+}
+
+/// A kohya key this trainer knows but does not implement.
+enum KohyaOnly {
+    /// Accepted and reported: it tunes machinery this trainer does not have.
+    Report(&'static str),
+    /// Accepted at kohya's default only (the feature it switches on is not implemented).
+    DefaultOnly(KohyaDefault, &'static str),
+}
+
+/// kohya's default of a [`KohyaOnly::DefaultOnly`] key.
+enum KohyaDefault {
+    False,
+    Str(&'static str),
+    Zero,
+}
+
+impl KohyaDefault {
+    fn matches(&self, v: &toml::Value) -> bool {
+        match (self, v) {
+            (KohyaDefault::False, toml::Value::Boolean(b)) => !b,
+            (KohyaDefault::Str(s), toml::Value::String(v)) => v == s,
+            (KohyaDefault::Zero, toml::Value::Integer(i)) => *i == 0,
+            (KohyaDefault::Zero, toml::Value::Float(f)) => *f == 0.0,
+            _ => false,
+        }
+    }
+}
+
+/// kohya's training flags without a counterpart here (sd-scripts `train_util.py`,
+/// `train_network.py`, `flux_train_network.py`): configs written by kohya or its GUI carry
+/// many of them at their defaults.
+fn kohya_only(key: &str) -> Option<KohyaOnly> {
+    use KohyaDefault::{False, Str, Zero};
+    use KohyaOnly::{DefaultOnly, Report};
+    Some(match key {
+        "vae_batch_size" | "text_encoder_batch_size" => {
+            Report("encoders run on each training batch (or once, with the cache_* keys)")
+        }
+        "ddp_gradient_as_bucket_view" | "ddp_static_graph" => {
+            Report("gradients are all-reduced by lora-core's own buckets")
+        }
+        "log_tracker_name" | "log_tracker_config" | "log_config" | "wandb_run_name"
+        | "wandb_api_key" => Report("metrics go to <output_dir>/metrics.jsonl and loss.png"),
+        "tokenizer_cache_dir" => Report("tokenizers are built in, not downloaded"),
+        "dynamo_backend" => DefaultOnly(Str("no"), "torch.compile / dynamo is not available"),
+        "torch_compile" => DefaultOnly(False, "torch.compile is not available"),
+        "full_bf16" | "full_fp16" => {
+            DefaultOnly(False, "adapters and optimizer states stay f32 over a bf16 / f16 base")
+        }
+        "fp16_master_weights_and_gradients" => DefaultOnly(False, "adapters stay f32"),
+        "deepspeed" => DefaultOnly(False, "DeepSpeed is not used; data parallel runs on c10d"),
+        "cpu_offload_checkpointing" => DefaultOnly(False, "CPU offloading is not implemented"),
+        "blocks_to_swap" => DefaultOnly(Zero, "block swapping is not implemented"),
+        "weighted_captions" => DefaultOnly(False, "weighted captions are not implemented"),
+        "no_metadata" => DefaultOnly(False, "the file always carries kohya's metadata"),
+        "output_config" => DefaultOnly(False, "writing the config and exiting is not implemented"),
+        "debug_dataset" => DefaultOnly(False, "the dataset debug viewer is not implemented"),
+        "dim_from_weights" => DefaultOnly(False, "ranks come from network_dim / network_args"),
+        "use_8bit_adam" => DefaultOnly(False, "set optimizer_type = \"AdamW8bit\""),
+        "use_lion_optimizer" => DefaultOnly(False, "Lion is not implemented"),
+        "skip_cache_check" => DefaultOnly(False, "caches are keyed by content, never skipped"),
+        "save_state_to_huggingface" | "resume_from_huggingface" | "async_upload" => {
+            DefaultOnly(False, "Hugging Face uploads are not implemented")
+        }
+        "skip_until_initial_step" => {
+            DefaultOnly(False, "resume from a checkpoint (`resume`) to continue a run")
+        }
+        "initial_epoch" | "initial_step" => {
+            DefaultOnly(Zero, "resume from a checkpoint (`resume`) to continue a run")
+        }
+        _ => return None,
+    })
+}
+
+impl Config {
+    /// The run's report of accepted keys without effect: [`TrainArgs::hint_report`] and the
+    /// other kohya tuning / logging keys the config set.
+    pub fn report(&self) -> Vec<String> {
+        let mut out = self.args.hint_report();
+        out.extend(self.reported.iter().cloned());
+        out
     }
 }

@@ -144,7 +144,7 @@ pub fn run(cli: &RunOptions) -> Result<RunSummary> {
         cfg.args.output_dir.clone_from(d);
     }
     let a = &cfg.args;
-    for line in a.hint_report() {
+    for line in cfg.report() {
         eprintln!("train_network: {line}");
     }
     let dist = distributed::init(a)?;

@@ -313,3 +313,33 @@ fn a_float_warmup_is_a_fraction_of_the_run() {
     let err = format!("{:#}", Config::load(&config).unwrap_err());
     assert!(err.contains("`lr_warmup_steps` = 1.5"), "{err}");
 }
+
+/// kohya's flags without a counterpart here: tuning / logging ones are accepted and reported,
+/// feature switches only at kohya's default (anything else names the key and why).
+#[test]
+fn kohya_only_flags_at_their_defaults_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &Setup::default());
+    let base = std::fs::read_to_string(&config).unwrap();
+    let with = |extra: &str| {
+        std::fs::write(&config, base.replace("seed = 42", &format!("seed = 42\n{extra}"))).unwrap();
+        Config::load(&config)
+    };
+    let cfg = with(
+        "dynamo_backend = \"no\"\nfull_bf16 = false\nblocks_to_swap = 0\nvae_batch_size = 4\n\
+         wandb_run_name = \"x\"\ninitial_step = 0",
+    )
+    .unwrap();
+    let report = cfg.report();
+    assert_eq!(report.len(), 2, "{report:?}");
+    assert!(report.iter().any(|l| l.starts_with("`vae_batch_size`")), "{report:?}");
+    for (extra, key) in [
+        ("full_bf16 = true", "`full_bf16` = true"),
+        ("dynamo_backend = \"inductor\"", "`dynamo_backend` = \"inductor\""),
+        ("blocks_to_swap = 18", "`blocks_to_swap` = 18"),
+        ("use_8bit_adam = true", "AdamW8bit"),
+    ] {
+        let err = format!("{:#}", with(extra).unwrap_err());
+        assert!(err.contains(key) && err.contains("kohya's default"), "{extra}: {err}");
+    }
+}
