@@ -104,19 +104,7 @@ impl LazyTensors {
     /// is malformed.
     pub fn open_pretrained(dir: impl AsRef<Path>, stem: &str) -> Result<Self> {
         let dir = dir.as_ref();
-        let single = dir.join(format!("{stem}.safetensors"));
-        if single.is_file() {
-            return Self::open_shards(dir, &[single]);
-        }
-        let index = dir.join(format!("{stem}.safetensors.index.json"));
-        if !index.is_file() {
-            return Err(Error::File {
-                path: dir.to_path_buf(),
-                reason: format!("no `{stem}.safetensors` or `{stem}.safetensors.index.json`"),
-            });
-        }
-        let shards: Vec<PathBuf> = shard_names(&index)?.into_iter().map(|f| dir.join(f)).collect();
-        Self::open_shards(dir, &shards)
+        Self::open_shards(dir, &pretrained_files(dir, stem)?)
     }
 
     /// Renames the keys through `rename` (`None` drops a key) without reading anything.
@@ -284,6 +272,26 @@ impl<'a> ModelSink<'a> {
             None => self.quant.map_or(Ok(()), |q| q.fill(key, t)),
         }
     }
+}
+
+/// The weight files of a `save_pretrained` folder: `<dir>/<stem>.safetensors`, or else the
+/// shards `<dir>/<stem>.safetensors.index.json` lists (sorted, each once).
+///
+/// # Errors
+/// [`Error::File`] when neither file exists or the index is malformed.
+pub fn pretrained_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let single = dir.join(format!("{stem}.safetensors"));
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    if !index.is_file() {
+        return Err(Error::File {
+            path: dir.to_path_buf(),
+            reason: format!("no `{stem}.safetensors` or `{stem}.safetensors.index.json`"),
+        });
+    }
+    Ok(shard_names(&index)?.into_iter().map(|f| dir.join(f)).collect())
 }
 
 /// The shard file names a safetensors index lists (its `weight_map` values), sorted, each

@@ -81,7 +81,7 @@ pub use flux_lora::{
     FluxLoraTargets,
 };
 pub use flux_pipeline::{Flux, FluxCond};
-pub use lazy::LazyTensors;
+pub use lazy::{pretrained_files, LazyTensors};
 pub use lora_core::{Error, Result};
 pub use sd::checkpoint::Checkpointing;
 pub use sd::config::{DownBlockType, PredictionType, UNetConfig, UpBlockType};

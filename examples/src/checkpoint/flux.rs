@@ -16,6 +16,7 @@
 //! layout first ([`flux_diffusers_to_kohya`], q / k / v chunks stacked exactly), so both kinds
 //! of file merge into both layouts.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use lora_core::io::{AdapterFile, Format};
@@ -60,9 +61,8 @@ pub(crate) fn single_flux(f: &WeightFile) -> Vec<Slot> {
         .collect()
 }
 
-/// Reads a diffusers FLUX.1 folder: `transformer/` (required; one safetensors file),
-/// `text_encoder/`, `text_encoder_2/` and `vae/` when present as single files (a sharded T5
-/// is left out, so `lora_te3_` modules then match nothing: an error).
+/// Reads a diffusers FLUX.1 folder: `transformer/` (required; one safetensors file or shards),
+/// `text_encoder/`, `text_encoder_2/` (T5, often sharded) and `vae/` when present.
 ///
 /// # Errors
 /// As [`FluxConfig::from_diffusers_json`]; [`Error::File`] naming `transformer/` when a weight
@@ -78,19 +78,29 @@ pub(crate) fn read_folder(root: &Path) -> Result<(Vec<WeightFile>, Vec<Slot>)> {
     ];
     let (files, mut slots) =
         read_subfolders(root, &subs, "transformer", "a diffusers FLUX.1 folder")?;
-    let transformer = &files[0];
+    // The transformer's tensors by key, over its file or shards.
+    let located: HashMap<&str, usize> = files
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.rel.starts_with("transformer"))
+        .flat_map(|(i, f)| f.tensors.keys().map(move |k| (k.as_str(), i)))
+        .collect();
+    let transformer_rel =
+        files.first().map_or_else(|| Path::new("transformer").into(), |f| f.rel.clone());
     let mut missing = Vec::new();
     for rule in FluxKeyMap::new(&cfg).rules().iter().filter(|r| r.linear) {
         let keys: Vec<String> = rule.diffusers.iter().map(|d| format!("{d}.weight")).collect();
-        missing.extend(keys.iter().filter(|k| !transformer.tensors.contains_key(*k)).cloned());
+        missing.extend(keys.iter().filter(|k| !located.contains_key(k.as_str())).cloned());
+        let file = |k: &str| located.get(k).copied().unwrap_or(0);
         let sources = if rule.swap_halves {
             // BFL's (shift, scale) = diffusers' rows [h, 2h) then [0, h).
-            let rows = transformer.tensors.get(&keys[0]).map_or(0, |t| t.size()[0]);
+            let f = file(&keys[0]);
+            let rows = files[f].tensors.get(&keys[0]).map_or(0, |t| t.size()[0]);
             let h = rows / 2;
-            let half = |start| Source { file: 0, key: keys[0].clone(), rows: Some((start, h)) };
+            let half = |start| Source { file: f, key: keys[0].clone(), rows: Some((start, h)) };
             vec![half(h), half(0)]
         } else {
-            keys.into_iter().map(|k| Source::whole(0, k)).collect()
+            keys.iter().map(|k| Source::whole(file(k), k.clone())).collect()
         };
         slots.push(Slot {
             part: ModelPart::Unet,
@@ -102,7 +112,7 @@ pub(crate) fn read_folder(root: &Path) -> Result<(Vec<WeightFile>, Vec<Slot>)> {
         let n = missing.len();
         missing.truncate(8);
         return Err(Error::File {
-            path: root.join(&transformer.rel),
+            path: root.join(&transformer_rel),
             reason: format!(
                 "{n} weight(s) of the FLUX.1 transformer its config.json describes are missing: {}",
                 missing.join(", ")

@@ -111,27 +111,43 @@ pub(crate) fn read_subfolders(
 ) -> Result<(Vec<WeightFile>, Vec<Slot>)> {
     let (mut files, mut slots) = (Vec::new(), Vec::new());
     for &(sub, stem, part, rename) in subs {
+        // One file (or its fp16 variant), or the shards of a `.safetensors.index.json`; each
+        // shard is rewritten on its own and the index copied unchanged.
         let found = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")]
             .into_iter()
             .map(|n| Path::new(sub).join(n))
             .find(|rel| root.join(rel).is_file());
-        let Some(rel) = found else {
-            if sub == required {
+        let rels: Vec<PathBuf> = match found {
+            Some(rel) => vec![rel],
+            None if root.join(sub).join(format!("{stem}.safetensors.index.json")).is_file() => {
+                lora_models::pretrained_files(&root.join(sub), stem)?
+                    .into_iter()
+                    .filter_map(|p| p.file_name().map(|n| Path::new(sub).join(n)))
+                    .collect()
+            }
+            None if sub == required => {
                 return Err(Error::File {
                     path: root.join(sub),
-                    reason: format!("no `{stem}.safetensors` (or `.fp16` variant): not {what}"),
+                    reason: format!(
+                        "no `{stem}.safetensors` (or `.fp16` variant, or a sharded index): not \
+                         {what}"
+                    ),
                 });
             }
-            continue;
+            None => continue,
         };
-        let i = files.len();
-        let f = WeightFile::read(&root.join(&rel), rel, part.is_some())?;
-        if let Some(part) = part {
-            slots.extend(
-                f.tensors.keys().filter_map(|k| rename(k).map(|m| Slot::renamed(part, i, k, m))),
-            );
+        for rel in rels {
+            let i = files.len();
+            let f = WeightFile::read(&root.join(&rel), rel, part.is_some())?;
+            if let Some(part) = part {
+                slots.extend(
+                    f.tensors
+                        .keys()
+                        .filter_map(|k| rename(k).map(|m| Slot::renamed(part, i, k, m))),
+                );
+            }
+            files.push(f);
         }
-        files.push(f);
     }
     Ok((files, slots))
 }

@@ -348,3 +348,51 @@ impl safetensors::View for &Raw {
         self.data.len()
     }
 }
+
+/// A diffusers FLUX folder whose transformer is sharded (as FLUX.1-dev ships: an index and
+/// several files) merges exactly as the same folder unsharded: every shard rewritten under its
+/// own keys, the index copied unchanged.
+#[test]
+fn sharded_flux_folder_merges_as_the_unsharded_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lora, _) = kohya_lora(dir.path());
+    // The fixture folder with its transformer in two shards.
+    let sharded = dir.path().join("sharded");
+    let src = fixture("flux/model");
+    std::fs::create_dir_all(sharded.join("transformer")).unwrap();
+    std::fs::copy(src.join("transformer/config.json"), sharded.join("transformer/config.json"))
+        .unwrap();
+    let whole =
+        StateDict::read(src.join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+    let keys: Vec<String> = whole.keys().map(str::to_owned).collect();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in keys.chunks(keys.len() / 2 + 1).enumerate() {
+        let name = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        let pairs: Vec<(String, Tensor)> =
+            chunk.iter().map(|k| (k.clone(), whole.get(k).unwrap().shallow_clone())).collect();
+        Tensor::write_safetensors(&pairs, sharded.join("transformer").join(&name)).unwrap();
+        for k in chunk {
+            weight_map.insert(k.clone(), name.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string();
+    let index_rel = "transformer/diffusion_pytorch_model.safetensors.index.json";
+    std::fs::write(sharded.join(index_rel), &index).unwrap();
+
+    let merged = |root: &std::path::Path, out: &std::path::Path| {
+        let mut c = Checkpoint::read(root, None).unwrap();
+        let r = c.merge(&[(&lora, 0.7)]).unwrap();
+        assert_eq!(r[0].merged.len(), lora.modules.len());
+        c.write(out, Some(SavePrecision::Float)).unwrap();
+        DiffusersFolder::new(out).flux_transformer().unwrap().1
+    };
+    let a = merged(&src, &dir.path().join("out_whole"));
+    let out_sharded = dir.path().join("out_sharded");
+    let b = merged(&sharded, &out_sharded);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for k in a.keys() {
+        assert!(a.get(k).unwrap().equal(b.get(k).unwrap()), "{k}");
+    }
+    assert_eq!(std::fs::read_to_string(out_sharded.join(index_rel)).unwrap(), index);
+    assert!(!out_sharded.join("transformer/diffusion_pytorch_model.safetensors").exists());
+}
