@@ -14,6 +14,7 @@ test:
 	@$(ENV) && set -x && \
 	cargo fmt --all --check && \
 	cargo clippy --workspace --all-targets -- -D warnings && \
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace && \
 	cargo test --workspace
 
 # Trains a LoRA on a tiny SD-shaped model (random base weights, created on first use) and the

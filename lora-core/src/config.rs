@@ -117,7 +117,7 @@ fn one() -> f64 {
 /// A LoRA network description, as read from a config file (`deny_unknown_fields`).
 ///
 /// Targets: a module gets an adapter when it matches an `include` pattern, matches no
-/// `exclude` pattern, and its resolved rank (see [`crate::rules`]) is non-zero.
+/// `exclude` pattern, and its resolved rank (see [`crate::Rule`]) is non-zero.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {

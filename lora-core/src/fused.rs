@@ -98,7 +98,7 @@ impl<S: ParamStep> State<S> {
 }
 
 /// Hooks on a set of parameters that step them inside `backward` and free their gradients.
-/// See the [module docs](self).
+/// See the module docs of `lora_core::fused`.
 pub struct FusedBackward<S> {
     state: Arc<Mutex<State<S>>>,
     mode: FusedMode,

@@ -18,7 +18,7 @@ use crate::target::Matcher;
 use crate::{Error, Result};
 
 /// Builds a model part's Linear / Conv2d layers, adding a LoRA adapter to every layer the
-/// config selects (see [`LoraConfig`] and [`crate::rules`] for the precedence).
+/// config selects (see [`LoraConfig`] and [`crate::Rule`] for the precedence).
 ///
 /// Base weights are created under the layer's `nn::Path` in the base VarStore; adapters under
 /// `adapters / <kohya name> / lora_down|lora_up / weight` (plus a non-trainable 0-dim

@@ -70,7 +70,7 @@ impl DiffusionLoss {
 
     /// Samples noise (with offset / multires noise), timesteps and input perturbation, then noises
     /// the latents: kohya's `get_noise_noisy_latents_and_timesteps`
-    /// (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/train_util.py#L6071-L6107)
+    /// (<https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/train_util.py#L6071-L6107>)
     /// with its random draws in the
     /// same order from libtorch's default generator (bit-identical to kohya on the CPU for the
     /// same `tch::manual_seed`, except pyramid noise's ratio, see [`NoiseVariants`]).

@@ -33,7 +33,7 @@ pub enum HuberSchedule {
 
 impl HuberSchedule {
     /// Per-sample `c` for DDPM timesteps, in kohya's op order
-    /// (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/train_util.py#L6110-L6130).
+    /// (<https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/train_util.py#L6110-L6130>).
     ///
     /// # Shapes
     /// `timesteps: [B]` int64 (already validated) → `[B]` f32 on the timesteps' device.

@@ -25,7 +25,7 @@ pub enum MaskNormalization {
 /// zeroes the loss, and this keeps `0/0` from becoming NaN.
 const MIN_MASK_MEAN: f64 = 1e-6;
 
-/// Resizes a mask to the latent grid (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/custom_train_functions.py#L487-L505) with `interpolate(mode="area")` (adaptive average pooling:
+/// Resizes a mask to the latent grid (<https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/custom_train_functions.py#L487-L505>) with `interpolate(mode="area")` (adaptive average pooling:
 /// exactly an 8×8 mean for an 8× VAE).
 ///
 /// # Shapes

@@ -92,7 +92,7 @@ impl NoiseVariants {
     }
 }
 
-/// Multires / pyramid noise (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/custom_train_functions.py#L458-L468; johnowhitaker's "Multi-Resolution Noise for Diffusion Model
+/// Multires / pyramid noise (<https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/custom_train_functions.py#L458-L468>; johnowhitaker's "Multi-Resolution Noise for Diffusion Model
 /// Training"), kohya's `pyramid_noise_like`, with `r` drawn from libtorch's generator.
 ///
 /// # Shapes

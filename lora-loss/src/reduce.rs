@@ -1,6 +1,6 @@
 //! The reduction shared by both objectives: element loss → (× weighting) → mask → per-sample mean
 //! → × loss weights, in kohya's order
-//! (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/train_network.py#L467-L480).
+//! (<https://github.com/kohya-ss/sd-scripts/blob/48d368fa/train_network.py#L467-L480>).
 
 use tch::{Kind, Tensor};
 

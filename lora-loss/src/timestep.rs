@@ -87,7 +87,7 @@ pub(crate) fn shifted_sigmas(n: i64, shift: f64) -> Tensor {
 
 impl FlowSampler {
     /// Draws `[b]` f32 sigmas in kohya's op order
-    /// (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/flux_train_utils.py#L471-L515).
+    /// (<https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/flux_train_utils.py#L471-L515>).
     /// `h, w` are the (unpacked) latent height and width, used by `flux_shift`; `table` is
     /// [`shifted_sigmas`] for `sigma` sampling.
     pub(crate) fn sample(&self, b: i64, h: i64, w: i64, table: &Tensor, device: Device) -> Tensor {

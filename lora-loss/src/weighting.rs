@@ -7,8 +7,8 @@ use tch::{Kind, Tensor};
 const SNR_CLAMP: f64 = 1000.0;
 
 /// The SNR-based weightings kohya applies to the per-sample loss, in kohya's order
-/// (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/train_network.py#L330-L340, formulas in
-/// https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/custom_train_functions.py#L68-L110):
+/// (<https://github.com/kohya-ss/sd-scripts/blob/48d368fa/train_network.py#L330-L340>, formulas in
+/// <https://github.com/kohya-ss/sd-scripts/blob/48d368fa/library/custom_train_functions.py#L68-L110>):
 /// min-SNR, v-pred scaling, v-pred-like loss, debiased estimation. Each is off when `None` /
 /// `false`; several may be combined, as in kohya.
 ///

@@ -460,7 +460,7 @@ impl<'a> Injectors<'a> {
     /// for (a LoRA file's own injectors, `Injector::from_modules`, go through here too).
     ///
     /// # Errors
-    /// As [`fp8_base`](super::base_quant::fp8_base).
+    /// As [`super::base_quant::fp8_base`].
     pub fn assemble(
         transformer: Option<Injector<'a>>,
         clip: Option<Injector<'a>>,

@@ -8,7 +8,7 @@ use super::branch::Branch;
 /// kernel, stride, padding and dilation, the up conv is 1x1.
 ///
 /// 3x3 convs take the config's `conv_rank` / `conv_alpha`, 1x1 convs the linear rank (see
-/// [`crate::rules`]). Kinds as for [`crate::LoraLinear`]. Built by [`crate::Injector`].
+/// [`crate::Rule`]). Kinds as for [`crate::LoraLinear`]. Built by [`crate::Injector`].
 ///
 /// # Shapes
 /// `weight: [out, in, k, k]`, `lora_down: [rank, in, k, k]`, `lora_up: [out, rank, 1, 1]`;

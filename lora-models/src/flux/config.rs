@@ -44,7 +44,7 @@ pub struct FluxConfig {
 }
 
 impl FluxConfig {
-    /// FLUX.1 [dev] (guidance-distilled: takes a guidance strength).
+    /// FLUX.1 \[dev\] (guidance-distilled: takes a guidance strength).
     pub fn dev() -> Self {
         Self {
             in_channels: 64,
@@ -63,7 +63,7 @@ impl FluxConfig {
         }
     }
 
-    /// FLUX.1 [schnell]: dev's architecture without the guidance embedding.
+    /// FLUX.1 \[schnell\]: dev's architecture without the guidance embedding.
     pub fn schnell() -> Self {
         Self { guidance_embed: false, ..Self::dev() }
     }

@@ -21,7 +21,7 @@ const EMBED_TOKENS: &str = "encoder.embed_tokens.weight";
 /// other key is kept, so [`StateDict::load_into`] reports anything unexpected.
 ///
 /// # Errors
-/// [`Error::Io`] / [`Error::File`] when a file is missing or malformed, or the folder has
+/// [`Error::Io`](crate::Error::Io) / [`Error::File`](crate::Error::File) when a file is missing or malformed, or the folder has
 /// neither weights file.
 pub fn read_t5_encoder_weights(path: impl AsRef<Path>) -> Result<StateDict> {
     open_t5_encoder_weights(path)?.read_all()
