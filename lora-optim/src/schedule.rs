@@ -20,6 +20,15 @@ pub enum ScheduleKind {
     CosineWithRestarts,
     /// Linear warm-up, then `(lr - lr_end) * remaining^power + lr_end`.
     Polynomial,
+    /// transformers' `cosine_with_min_lr`: linear warm-up, then a cosine from 1 down to
+    /// `min_lr_ratio` (`num_cycles` periods, default 0.5).
+    CosineWithMinLr,
+    /// transformers' `inverse_sqrt`: linear warm-up, then `1 / sqrt((step + timescale -
+    /// warmup) / timescale)` (`timescale` default: the warm-up, or 10 000 without one).
+    InverseSqrt,
+    /// transformers' `warmup_stable_decay` (linear warm-up, constant, cosine decay over
+    /// `decay_steps` of `num_cycles` periods, all between `min_lr_ratio` and 1).
+    WarmupStableDecay,
 }
 
 /// Configuration of an [`LrSchedule`].
@@ -43,6 +52,16 @@ pub struct LrScheduleConfig {
     /// Polynomial end learning rate (default 1e-7); must be below the base learning rate.
     #[serde(default = "default_lr_end")]
     pub lr_end: f64,
+    /// The floor of `cosine_with_min_lr` / `warmup_stable_decay`, relative to the base rate
+    /// (kohya `lr_scheduler_min_lr_ratio`; default 0).
+    #[serde(default)]
+    pub min_lr_ratio: Option<f64>,
+    /// `inverse_sqrt`'s timescale (kohya `lr_scheduler_timescale`).
+    #[serde(default)]
+    pub timescale: Option<u64>,
+    /// `warmup_stable_decay`'s decay length in steps (kohya `lr_decay_steps`; required).
+    #[serde(default)]
+    pub decay_steps: Option<u64>,
 }
 
 fn one() -> f64 {
@@ -62,6 +81,9 @@ impl LrScheduleConfig {
             num_cycles: None,
             power: 1.0,
             lr_end: 1e-7,
+            min_lr_ratio: None,
+            timescale: None,
+            decay_steps: None,
         }
     }
 
@@ -71,8 +93,10 @@ impl LrScheduleConfig {
         if !base_lr.is_finite() {
             return Err(cfg("lr", format!("must be finite, got {base_lr}")));
         }
-        let decays =
-            !matches!(self.kind, ScheduleKind::Constant | ScheduleKind::ConstantWithWarmup);
+        let decays = !matches!(
+            self.kind,
+            ScheduleKind::Constant | ScheduleKind::ConstantWithWarmup | ScheduleKind::InverseSqrt
+        );
         let total_steps = match (decays, self.total_steps) {
             (true, None) => {
                 return Err(cfg("total_steps", format!("required by the {:?} schedule", self.kind)))
@@ -80,7 +104,9 @@ impl LrScheduleConfig {
             (_, t) => t.unwrap_or(0),
         };
         let num_cycles = match self.kind {
-            ScheduleKind::Cosine => self.num_cycles.unwrap_or(0.5),
+            ScheduleKind::Cosine
+            | ScheduleKind::CosineWithMinLr
+            | ScheduleKind::WarmupStableDecay => self.num_cycles.unwrap_or(0.5),
             ScheduleKind::CosineWithRestarts => self.num_cycles.unwrap_or(1.0),
             _ => 0.0,
         };
@@ -104,6 +130,33 @@ impl LrScheduleConfig {
                 ));
             }
         }
+        let min_lr_ratio = self.min_lr_ratio.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&min_lr_ratio) {
+            return Err(cfg("min_lr_ratio", format!("must be in [0, 1], got {min_lr_ratio}")));
+        }
+        let timescale = self.timescale.unwrap_or(if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            10_000
+        });
+        if self.kind == ScheduleKind::InverseSqrt && timescale == 0 {
+            return Err(cfg("timescale", "must be at least 1".into()));
+        }
+        let decay_steps = match (self.kind, self.decay_steps) {
+            (ScheduleKind::WarmupStableDecay, None) => {
+                return Err(cfg("decay_steps", "required by warmup_stable_decay".into()))
+            }
+            (ScheduleKind::WarmupStableDecay, Some(d)) if d + self.warmup_steps > total_steps => {
+                return Err(cfg(
+                    "decay_steps",
+                    format!(
+                        "warm-up ({}) plus decay ({d}) exceed total_steps ({total_steps})",
+                        self.warmup_steps
+                    ),
+                ))
+            }
+            (_, d) => d.unwrap_or(0),
+        };
         Ok(LrSchedule {
             kind: self.kind,
             base_lr,
@@ -112,6 +165,9 @@ impl LrScheduleConfig {
             num_cycles,
             power: self.power,
             lr_end: self.lr_end,
+            min_lr_ratio,
+            timescale,
+            decay: decay_steps,
         })
     }
 }
@@ -130,6 +186,9 @@ pub struct LrSchedule {
     num_cycles: f64,
     power: f64,
     lr_end: f64,
+    min_lr_ratio: f64,
+    timescale: u64,
+    decay: u64,
 }
 
 impl LrSchedule {
@@ -137,8 +196,27 @@ impl LrSchedule {
     pub fn factor(&self, step: u64) -> f64 {
         let (s, w, t) = (step as f64, self.warmup as f64, self.total as f64);
         let warm = |max1: f64| s / max1;
+        let pi = std::f64::consts::PI;
         match self.kind {
             ScheduleKind::Constant => 1.0,
+            // Its own warm-up (from `min_lr_ratio`), before the shared one below.
+            ScheduleKind::WarmupStableDecay => {
+                let m = self.min_lr_ratio;
+                let stable = self.total - self.warmup - self.decay;
+                if step < self.warmup {
+                    let progress = s / self.warmup.max(1) as f64;
+                    return (progress * (1.0 - m) + m).max(0.0);
+                }
+                if step < self.warmup + stable {
+                    return 1.0;
+                }
+                if step < self.warmup + stable + self.decay {
+                    let progress = (step - self.warmup - stable) as f64 / self.decay.max(1) as f64;
+                    let factor = 0.5 * (1.0 + (pi * self.num_cycles * 2.0 * progress).cos());
+                    return (factor * (1.0 - m) + m).max(0.0);
+                }
+                m
+            }
             ScheduleKind::ConstantWithWarmup => {
                 if step < self.warmup {
                     warm(w.max(1.0))
@@ -147,6 +225,17 @@ impl LrSchedule {
                 }
             }
             _ if step < self.warmup => warm(self.warmup.max(1) as f64),
+            ScheduleKind::CosineWithMinLr => {
+                let progress = (s - w) / (self.total.saturating_sub(self.warmup).max(1) as f64);
+                let factor = 0.5 * (1.0 + (pi * self.num_cycles * 2.0 * progress).cos());
+                let factor = factor * (1.0 - self.min_lr_ratio) + self.min_lr_ratio;
+                factor.max(0.0)
+            }
+            ScheduleKind::InverseSqrt => {
+                let shift = self.timescale as i64 - self.warmup as i64;
+                let x = (step as i64 + shift) as f64 / self.timescale as f64;
+                1.0 / x.sqrt()
+            }
             ScheduleKind::Linear => {
                 let progress = (t - s) / (self.total.saturating_sub(self.warmup).max(1) as f64);
                 progress.max(0.0)

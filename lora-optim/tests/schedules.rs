@@ -25,12 +25,12 @@ fn schedules_match_diffusers_exactly() {
     for (name, kind, warmup, cycles, power, lr_end) in cases {
         let want = f64s(get(&f, name));
         let cfg = LrScheduleConfig {
-            kind,
             warmup_steps: warmup,
             total_steps: Some(50),
             num_cycles: cycles,
             power,
             lr_end,
+            ..LrScheduleConfig::new(kind)
         };
         let s = cfg.build(base).unwrap();
         for (step, &w) in want.iter().enumerate() {
@@ -39,6 +39,72 @@ fn schedules_match_diffusers_exactly() {
             assert_eq!(got.to_bits(), w.to_bits(), "{name} step {step}: {got} vs {w}");
         }
     }
+}
+
+/// kohya's transformers schedules (`gen_schedules_transformers.py`, transformers 5.24.0):
+/// `cosine_with_min_lr`, `inverse_sqrt`, `warmup_stable_decay`, bit for bit.
+#[test]
+fn transformers_schedules_match_exactly() {
+    let f = fixture("schedules_transformers.safetensors");
+    let base = 2e-4;
+    let wsd = LrScheduleConfig {
+        warmup_steps: 7,
+        total_steps: Some(50),
+        num_cycles: Some(0.5),
+        min_lr_ratio: Some(0.1),
+        decay_steps: Some(20),
+        ..LrScheduleConfig::new(ScheduleKind::WarmupStableDecay)
+    };
+    let cases = [
+        (
+            "cosine_with_min_lr",
+            LrScheduleConfig {
+                warmup_steps: 7,
+                total_steps: Some(50),
+                min_lr_ratio: Some(0.1),
+                ..LrScheduleConfig::new(ScheduleKind::CosineWithMinLr)
+            },
+        ),
+        (
+            "cosine_with_min_lr_0.75",
+            LrScheduleConfig {
+                warmup_steps: 7,
+                total_steps: Some(50),
+                num_cycles: Some(0.75),
+                min_lr_ratio: Some(0.05),
+                ..LrScheduleConfig::new(ScheduleKind::CosineWithMinLr)
+            },
+        ),
+        (
+            "inverse_sqrt",
+            LrScheduleConfig {
+                warmup_steps: 7,
+                ..LrScheduleConfig::new(ScheduleKind::InverseSqrt)
+            },
+        ),
+        (
+            "inverse_sqrt_t20",
+            LrScheduleConfig {
+                timescale: Some(20),
+                ..LrScheduleConfig::new(ScheduleKind::InverseSqrt)
+            },
+        ),
+        ("warmup_stable_decay", wsd.clone()),
+    ];
+    for (name, cfg) in cases {
+        let want = f64s(get(&f, name));
+        assert_eq!(want.len(), 51);
+        let s = cfg.build(base).unwrap();
+        for (step, &w) in want.iter().enumerate() {
+            let got = s.lr(step as u64);
+            assert_eq!(got.to_bits(), w.to_bits(), "{name} step {step}: {got} vs {w}");
+        }
+    }
+    // warmup_stable_decay needs its decay length, inside the run.
+    let err = LrScheduleConfig { decay_steps: None, ..wsd.clone() }.build(base).unwrap_err();
+    assert!(err.to_string().contains("decay_steps"), "{err}");
+    let err = LrScheduleConfig { decay_steps: Some(44), ..wsd }.build(base).unwrap_err();
+    assert!(err.to_string().contains("exceed total_steps"), "{err}");
 }
 
 #[test]

@@ -95,6 +95,12 @@ pub struct TrainArgs {
     pub lr_warmup_steps: WarmupSteps,
     /// kohya `lr_scheduler_num_cycles`.
     pub lr_scheduler_num_cycles: Option<f64>,
+    /// kohya `lr_scheduler_min_lr_ratio` (`cosine_with_min_lr`, `warmup_stable_decay`).
+    pub lr_scheduler_min_lr_ratio: Option<f64>,
+    /// kohya `lr_scheduler_timescale` (`inverse_sqrt`).
+    pub lr_scheduler_timescale: Option<u64>,
+    /// kohya `lr_decay_steps` (`warmup_stable_decay`): steps, or a float fraction of the run.
+    pub lr_decay_steps: Option<WarmupSteps>,
     /// kohya `lr_scheduler_power`.
     pub lr_scheduler_power: f64,
     /// kohya `output_dir`.
@@ -245,6 +251,9 @@ impl Default for TrainArgs {
             lr_scheduler: "constant".into(),
             lr_warmup_steps: WarmupSteps::Steps(0),
             lr_scheduler_num_cycles: None,
+            lr_scheduler_min_lr_ratio: None,
+            lr_scheduler_timescale: None,
+            lr_decay_steps: None,
             lr_scheduler_power: 1.0,
             output_dir: "output".into(),
             output_name: "last".into(),
@@ -470,6 +479,13 @@ impl Config {
         }
         if a.save_model_as != "safetensors" {
             bail!("{p}: `save_model_as` = {:?}: only safetensors is supported", a.save_model_as);
+        }
+        if a.lr_scheduler == "cosine" && a.lr_scheduler_num_cycles.is_some() {
+            bail!(
+                "{p}: `lr_scheduler_num_cycles` with `lr_scheduler` = \"cosine\": kohya's cosine \
+                 always decays over half a period and ignores it; use cosine_with_restarts or \
+                 cosine_with_min_lr"
+            );
         }
         if let WarmupSteps::Ratio(r) = a.lr_warmup_steps {
             if !(0.0..=1.0).contains(&r) {

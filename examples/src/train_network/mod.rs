@@ -507,14 +507,27 @@ where
         toml::Value::String(a.lr_scheduler.clone()).try_into().map_err(|e| {
             anyhow!("{}: `lr_scheduler` = {:?}: {e}", cfg.path.display(), a.lr_scheduler)
         })?;
+    // kohya's get_scheduler_fix: restarts take `lr_scheduler_num_cycles` as it is, the
+    // transformers cosines half of it (default 1 -> 0.5); plain cosine none (checked in args).
+    let num_cycles = match kind {
+        ScheduleKind::CosineWithRestarts => a.lr_scheduler_num_cycles,
+        ScheduleKind::CosineWithMinLr | ScheduleKind::WarmupStableDecay => {
+            a.lr_scheduler_num_cycles.map(|n| n / 2.0)
+        }
+        _ => None,
+    };
     let schedule = LrScheduleConfig {
         warmup_steps: a.lr_warmup_steps.steps(total),
         total_steps: Some(total),
-        num_cycles: a.lr_scheduler_num_cycles,
+        num_cycles,
         power: a.lr_scheduler_power,
+        min_lr_ratio: a.lr_scheduler_min_lr_ratio,
+        timescale: a.lr_scheduler_timescale,
+        decay_steps: a.lr_decay_steps.map(|d| d.steps(total)),
         ..LrScheduleConfig::new(kind)
     }
-    .build(lr)?;
+    .build(lr)
+    .with_context(|| format!("{}: `lr_scheduler` = {:?}", cfg.path.display(), a.lr_scheduler))?;
     let mut builder = Trainer::builder(model, objective)
         .optimizer(optimizer)
         .schedule(Box::new(schedule))

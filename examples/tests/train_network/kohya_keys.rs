@@ -343,3 +343,61 @@ fn kohya_only_flags_at_their_defaults_load() {
         assert!(err.contains(key) && err.contains("kohya's default"), "{extra}: {err}");
     }
 }
+
+/// kohya's transformers schedules: `cosine_with_min_lr` with `lr_scheduler_min_lr_ratio`, and
+/// `warmup_stable_decay` with a float `lr_decay_steps` and `lr_scheduler_num_cycles` halved as
+/// kohya passes it, give the per-step learning rates of lora-optim's schedules (themselves
+/// equal to transformers'); `lr_scheduler_num_cycles` with plain cosine is refused.
+#[test]
+fn kohya_transformers_schedules_drive_the_run() {
+    use lora_optim::{LrScheduleConfig, ScheduleKind};
+    let _lock = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 8;
+    let cases = [
+        (
+            "min_lr",
+            "lr_scheduler = \"cosine_with_min_lr\"\nlr_scheduler_min_lr_ratio = 0.1",
+            LrScheduleConfig {
+                min_lr_ratio: Some(0.1),
+                ..LrScheduleConfig::new(ScheduleKind::CosineWithMinLr)
+            },
+        ),
+        (
+            "wsd",
+            "lr_scheduler = \"warmup_stable_decay\"\nlr_decay_steps = 0.5\n\
+             lr_scheduler_num_cycles = 1.0\nlr_scheduler_min_lr_ratio = 0.2",
+            LrScheduleConfig {
+                decay_steps: Some(4),
+                num_cycles: Some(0.5),
+                min_lr_ratio: Some(0.2),
+                ..LrScheduleConfig::new(ScheduleKind::WarmupStableDecay)
+            },
+        ),
+    ];
+    for (name, keys, want) in cases {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let config = write_config(&d, &Setup { steps, ..Setup::default() });
+        let text =
+            std::fs::read_to_string(&config).unwrap().replace("lr_scheduler = \"cosine\"", keys);
+        std::fs::write(&config, text).unwrap();
+        run(&RunOptions { config, ..RunOptions::default() }).unwrap();
+        let got: Vec<f64> = crate::common::metrics(&d.join("out"))
+            .iter()
+            .map(|m| m["lr"].as_f64().unwrap())
+            .collect();
+        let s = LrScheduleConfig { warmup_steps: 4, total_steps: Some(steps), ..want }
+            .build(1e-3)
+            .unwrap();
+        let expect: Vec<f64> = (0..steps).map(|i| s.lr(i)).collect();
+        assert_eq!(got, expect, "{name}");
+    }
+    let config = write_config(dir.path(), &Setup::default());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("seed = 42", "seed = 42\nlr_scheduler_num_cycles = 2");
+    std::fs::write(&config, text).unwrap();
+    let err = format!("{:#}", Config::load(&config).unwrap_err());
+    assert!(err.contains("`lr_scheduler_num_cycles`") && err.contains("cosine"), "{err}");
+}
