@@ -79,3 +79,25 @@ impl LayerFactory for PlainLayers {
         Ok(Box::new(nn::conv2d(vs, i, o, k, cfg)))
     }
 }
+
+/// The components of a dotted part-root prefix (`"model.diffusion_model"`), empty ones dropped.
+pub(crate) fn split_prefix(prefix: &str) -> Vec<String> {
+    prefix.split('.').filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+/// The dotted module path of `vs` relative to the part root `prefix` (what target patterns
+/// match), shared by the injector and the quantizing factory.
+///
+/// # Errors
+/// [`crate::Error::Config`] naming the layer when it is not under `prefix`.
+pub(crate) fn module_path(vs: &nn::Path<'_>, prefix: &[String]) -> Result<String> {
+    let comps: Vec<&str> = vs.components().collect();
+    let n = prefix.len();
+    if comps.len() <= n || comps[..n].iter().zip(prefix).any(|(a, b)| a != b) {
+        return Err(crate::Error::Config {
+            key: comps.join("."),
+            reason: format!("layer is outside the part root `{}`", prefix.join(".")),
+        });
+    }
+    Ok(comps[n..].join("."))
+}

@@ -226,7 +226,7 @@ impl<'a> Injector<'a> {
     /// models built under `base.root() / "unet"`. Defaults to no prefix.
     #[must_use]
     pub fn with_base_prefix(mut self, prefix: &str) -> Self {
-        self.base_prefix = prefix.split('.').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        self.base_prefix = crate::factory::split_prefix(prefix);
         self
     }
 
@@ -487,15 +487,7 @@ impl<'a> Injector<'a> {
 
     /// The dotted module path of `vs`, relative to the part root.
     fn module_path(&self, vs: &nn::Path<'_>) -> Result<String> {
-        let comps: Vec<&str> = vs.components().collect();
-        let n = self.base_prefix.len();
-        if comps.len() <= n || comps[..n].iter().zip(&self.base_prefix).any(|(a, b)| a != b) {
-            return Err(Error::Config {
-                key: comps.join("."),
-                reason: format!("layer is outside the part root `{}`", self.base_prefix.join(".")),
-            });
-        }
-        Ok(comps[n..].join("."))
+        crate::factory::module_path(vs, &self.base_prefix)
     }
 
     /// Records the layer and decides whether it gets an adapter.

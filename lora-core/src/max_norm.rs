@@ -64,12 +64,15 @@ pub fn apply_max_norm(injectors: &[&Injector<'_>], max_norm: f64) -> Result<MaxN
     Ok(stats)
 }
 
-/// `‖scale · up · down‖` in f32 (f64 accumulation).
+/// `‖scale · up · down‖` without forming the `[out, in]` product (it runs after every update,
+/// on every module): `‖U D‖² = Σ (UᵀU) ∘ (D Dᵀ)`, two `[r, r]` Gram matrices, in f64.
 fn delta_norm(down: &Tensor, up: &Tensor, scale: f64) -> Result<f64> {
-    let d = down.f_to_kind(Kind::Float)?.f_flatten(1, -1)?;
-    let u = up.f_to_kind(Kind::Float)?.f_flatten(1, -1)?;
-    let delta = u.f_mm(&d)?.f_mul_scalar(scale)?;
-    Ok(delta.f_to_kind(Kind::Double)?.f_norm()?.f_double_value(&[])?)
+    let d = down.f_to_kind(Kind::Double)?.f_flatten(1, -1)?;
+    let u = up.f_to_kind(Kind::Double)?.f_flatten(1, -1)?;
+    let gram_u = u.f_tr()?.f_mm(&u)?;
+    let gram_d = d.f_mm(&d.f_tr()?)?;
+    let sq = gram_u.f_mul(&gram_d)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+    Ok(scale.abs() * sq.max(0.0).sqrt())
 }
 
 #[cfg(test)]
@@ -117,6 +120,16 @@ mod tests {
             delta_norm(&d, &u, scale).unwrap()
         };
         let before: Vec<f64> = ["a", "b", "c"].iter().map(|p| norm(p)).collect();
+        // The Gram form equals the norm of the formed product.
+        for p in ["a", "b", "c"] {
+            let (d, u) = inj.lora_tensors(p).unwrap();
+            let scale = inj.adapters().into_iter().find(|a| a.path == p).unwrap().scale;
+            let direct = (u.flatten(1, -1).mm(&d.flatten(1, -1)) * scale)
+                .to_kind(Kind::Double)
+                .norm()
+                .double_value(&[]);
+            assert!((norm(p) - direct).abs() <= 1e-5 * direct, "{p}: {} vs {direct}", norm(p));
+        }
         let bound = 1.0;
         assert!(before[0] < bound && before[1] > bound && before[2] > bound, "{before:?}");
         // The conv delta is the flattened product: equal to composing the two convolutions.

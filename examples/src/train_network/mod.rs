@@ -391,17 +391,17 @@ fn check_caching(a: &args::TrainArgs, ds: &DatasetGroupConfig, path: &Path) -> R
 /// 64 KiB at offset 1 MiB (fewer bytes for a smaller file); `IsADirectory` for a folder, as
 /// kohya writes on Linux.
 fn legacy_model_hash(path: &Path) -> String {
-    use sha2::{Digest, Sha256};
+    use lora_core::io::{legacy_hash, LEGACY_HASH_LEN, LEGACY_HASH_OFFSET};
     use std::io::{Read, Seek, SeekFrom};
     if path.is_dir() {
         return "IsADirectory".into();
     }
     let Ok(mut f) = std::fs::File::open(path) else { return "NOFILE".into() };
-    let mut buf = Vec::with_capacity(0x10000);
-    if f.seek(SeekFrom::Start(0x100000)).is_ok() {
-        let _ = f.take(0x10000).read_to_end(&mut buf);
+    let mut buf = Vec::with_capacity(LEGACY_HASH_LEN);
+    if f.seek(SeekFrom::Start(LEGACY_HASH_OFFSET as u64)).is_ok() {
+        let _ = f.take(LEGACY_HASH_LEN as u64).read_to_end(&mut buf);
     }
-    Sha256::digest(&buf).iter().take(4).map(|b| format!("{b:02x}")).collect()
+    legacy_hash(&buf)
 }
 
 /// kohya's `cache_latents` / `cache_text_encoder_outputs` (and their `_to_disk` forms, kept in

@@ -84,6 +84,18 @@ fn mean_flow_loss(cfg: &Config, model: &Flux, batches: &[Batch], seeds: &[i64]) 
     mean_objective(model, &cfg.loss.build_flow_matching().unwrap(), batches, seeds)
 }
 
+/// The flow loss over `batches` of the model with `lora` applied, and with it at multiplier
+/// 0 (the same base): `(trained, base)`.
+fn trained_and_base(cfg: &Config, lora: &AdapterFile, batches: &[Batch]) -> (f64, f64) {
+    with_flux_model(cfg, lora, |model, injectors| {
+        let trained = mean_flow_loss(cfg, model, batches, &SEEDS);
+        for inj in injectors {
+            inj.set_multiplier(0.0).unwrap();
+        }
+        (trained, mean_flow_loss(cfg, model, batches, &SEEDS))
+    })
+}
+
 #[test]
 fn flux_short_run_lowers_loss_and_writes_kohya_flux_names() {
     let _lock = lock();
@@ -107,13 +119,7 @@ fn flux_short_run_lowers_loss_and_writes_kohya_flux_names() {
     let cfg = Config::load(&config).unwrap();
     let batches = epoch_batches(&cfg);
     let file = AdapterFile::read(&summary.lora).unwrap();
-    let (trained, base) = with_flux_model(&cfg, &file, |model, injectors| {
-        let trained = mean_flow_loss(&cfg, model, &batches, &SEEDS);
-        for inj in injectors {
-            inj.set_multiplier(0.0).unwrap();
-        }
-        (trained, mean_flow_loss(&cfg, model, &batches, &SEEDS))
-    });
+    let (trained, base) = trained_and_base(&cfg, &file, &batches);
     println!("FLUX loss over epoch 1, seeds {SEEDS:?}: base {base:.5}, trained {trained:.5}");
     assert!(trained < 0.8 * base, "trained {trained} is not clearly below base {base}");
 
@@ -213,14 +219,8 @@ fn flux_t5_attention_mask_trains_and_is_recorded() {
     assert!(cfg.args.apply_t5_attn_mask);
     let batches = epoch_batches(&cfg);
     let file = AdapterFile::read(&summary.lora).unwrap();
-    let (trained, base) = with_flux_model(&cfg, &file, |model, injectors| {
-        assert!(model.apply_t5_attn_mask);
-        let trained = mean_flow_loss(&cfg, model, &batches, &SEEDS);
-        for inj in injectors {
-            inj.set_multiplier(0.0).unwrap();
-        }
-        (trained, mean_flow_loss(&cfg, model, &batches, &SEEDS))
-    });
+    with_flux_model(&cfg, &file, |model, _| assert!(model.apply_t5_attn_mask));
+    let (trained, base) = trained_and_base(&cfg, &file, &batches);
     println!("FLUX with T5 mask: loss base {base:.5}, trained {trained:.5}");
     assert!(trained < 0.8 * base, "trained {trained} is not clearly below base {base}");
     let mut unmasked = cfg.clone();
@@ -251,13 +251,7 @@ fn flux_fp8_base_trains_over_a_float8_base() {
     assert!(cfg.args.fp8_base);
     let batches = epoch_batches(&cfg);
     let file = AdapterFile::read(&summary.lora).unwrap();
-    let (trained, base) = with_flux_model(&cfg, &file, |model, injectors| {
-        let trained = mean_flow_loss(&cfg, model, &batches, &SEEDS);
-        for inj in injectors {
-            inj.set_multiplier(0.0).unwrap();
-        }
-        (trained, mean_flow_loss(&cfg, model, &batches, &SEEDS))
-    });
+    let (trained, base) = trained_and_base(&cfg, &file, &batches);
     println!("FLUX fp8 base: loss base {base:.5}, trained {trained:.5}");
     assert!(trained < 0.8 * base, "trained {trained} is not clearly below base {base}");
     // The transformer's and T5's Linears live in the float8 stores, CLIP-L's do not.

@@ -186,7 +186,14 @@ fn a_separate_vae_file_replaces_the_checkpoints() {
         assert_eq!(losses(&out) == reference, same, "{}", file.display());
         let meta = raw_header(&summary.lora)["__metadata__"].as_object().unwrap().clone();
         assert_eq!(meta["ss_vae_name"], file.file_name().unwrap().to_string_lossy().as_ref());
-        assert_eq!(meta["ss_vae_hash"].as_str().unwrap().len(), 8);
+        // kohya's legacy hash: SHA-256 of the 64 KiB at 1 MiB (here lora-data's hasher over
+        // that window written out), first 8 hex digits.
+        let bytes = std::fs::read(file).unwrap();
+        let window = &bytes[(1 << 20).min(bytes.len())..((1 << 20) + (1 << 16)).min(bytes.len())];
+        let w = dir.path().join("window.bin");
+        std::fs::write(&w, window).unwrap();
+        let want = lora_data::file_sha256(&w).unwrap();
+        assert_eq!(meta["ss_vae_hash"].as_str().unwrap(), &want[..8]);
     }
 }
 

@@ -221,10 +221,21 @@ pub(crate) fn hashes(file: &[u8]) -> (String, String) {
     let n = u64::from_le_bytes(file[..8].try_into().unwrap_or([0; 8])) as usize;
     let data = file.get(8 + n..).unwrap_or(&[]);
     let model = hex(&Sha256::digest(data));
-    let start = 0x100000.min(file.len());
-    let end = (0x100000 + 0x10000).min(file.len());
-    let legacy = hex(&Sha256::digest(&file[start..end]))[..8].to_owned();
-    (model, legacy)
+    let start = LEGACY_HASH_OFFSET.min(file.len());
+    let end = (LEGACY_HASH_OFFSET + LEGACY_HASH_LEN).min(file.len());
+    (model, legacy_hash(&file[start..end]))
+}
+
+/// Where A1111's / kohya's legacy model hash reads a file: 64 KiB at offset 1 MiB.
+pub const LEGACY_HASH_OFFSET: usize = 0x100000;
+/// How many bytes the legacy hash reads.
+pub const LEGACY_HASH_LEN: usize = 0x10000;
+
+/// A1111's / kohya's legacy model hash (`sshs_legacy_hash`, `ss_sd_model_hash`): the first 8
+/// hex digits of the SHA-256 of the file's bytes in
+/// `[LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_LEN)` (fewer for a smaller file).
+pub fn legacy_hash(window: &[u8]) -> String {
+    hex(&Sha256::digest(window))[..8].to_owned()
 }
 
 fn hex(bytes: &[u8]) -> String {

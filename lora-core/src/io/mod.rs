@@ -21,9 +21,12 @@ mod peft;
 pub(crate) mod st;
 
 pub use file::{AdapterFile, Format, ModuleWeights};
-pub use kohya::{save_kohya, BaseModel, KohyaMetadata};
+pub use kohya::{
+    legacy_hash, save_kohya, BaseModel, KohyaMetadata, LEGACY_HASH_LEN, LEGACY_HASH_OFFSET,
+};
 pub use merge::{lora_delta, merge_into, MergeReport, MergeTarget, MergedModule};
 pub use peft::save_peft;
+pub use st::write_safetensors;
 
 use serde::{Deserialize, Serialize};
 use tch::Kind;

@@ -80,6 +80,25 @@ pub(crate) fn serialize(
         .map_err(|e| Error::File { path: path.into(), reason: format!("serialize: {e}") })
 }
 
+/// Writes named tensors, each cast to `kind` (f32, f16, bf16 or f64), with `metadata` as a
+/// safetensors file, atomically (a temporary file next to `path`, synced, renamed over it).
+///
+/// # Errors
+/// [`Error::Tensor`] naming a tensor `kind` cannot hold; [`Error::File`] / [`Error::Io`]
+/// naming `path`.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    kind: Kind,
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
+    let raws = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), Raw::from_tensor(k, t, kind)?)))
+        .collect::<Result<Vec<_>>>()?;
+    write_atomic(path, &serialize(path, &raws, metadata)?)
+}
+
 /// Writes `bytes` to a temporary file next to `path`, syncs it, and renames it over `path`.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };

@@ -4,8 +4,8 @@ use tch::nn;
 
 use super::config::QuantBase;
 use super::layer::QuantLinear;
-use crate::factory::{Layer, LayerFactory};
-use crate::{Error, ModelPart, Result};
+use crate::factory::{Layer, LayerFactory, PlainLayers};
+use crate::{ModelPart, Result};
 
 /// Builds a model part without adapters, its selected Linears over a quantized base
 /// ([`QuantLinear`]); other Linears and every Conv2d are plain tch layers (as
@@ -30,27 +30,19 @@ impl QuantLayers {
     /// as [`Injector::with_base_prefix`](crate::Injector::with_base_prefix).
     #[must_use]
     pub fn with_base_prefix(mut self, prefix: &str) -> Self {
-        self.base_prefix = prefix.split('.').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        self.base_prefix = crate::factory::split_prefix(prefix);
         self
     }
 
     fn module_path(&self, vs: &nn::Path<'_>) -> Result<String> {
-        let comps: Vec<&str> = vs.components().collect();
-        let n = self.base_prefix.len();
-        if comps.len() <= n || comps[..n].iter().zip(&self.base_prefix).any(|(a, b)| a != b) {
-            return Err(Error::Config {
-                key: comps.join("."),
-                reason: format!("layer is outside the part root `{}`", self.base_prefix.join(".")),
-            });
-        }
-        Ok(comps[n..].join("."))
+        crate::factory::module_path(vs, &self.base_prefix)
     }
 }
 
 impl LayerFactory for QuantLayers {
     fn linear(&self, vs: nn::Path<'_>, i: i64, o: i64, cfg: nn::LinearConfig) -> Result<Layer> {
         if !self.quant.selects(self.part, &self.module_path(&vs)?) {
-            return Ok(Box::new(nn::linear(vs, i, o, cfg)));
+            return PlainLayers.linear(vs, i, o, cfg);
         }
         let (weight, bias) = self.quant.make_linear(&vs, i, o, &cfg)?;
         Ok(Box::new(QuantLinear { weight, bias }))
@@ -64,6 +56,7 @@ impl LayerFactory for QuantLayers {
         k: i64,
         cfg: nn::ConvConfig,
     ) -> Result<Layer> {
-        Ok(Box::new(nn::conv2d(vs, i, o, k, cfg)))
+        // Convolutions stay in full precision.
+        PlainLayers.conv2d(vs, i, o, k, cfg)
     }
 }

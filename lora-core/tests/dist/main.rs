@@ -219,6 +219,17 @@ fn ports() -> std::sync::MutexGuard<'static, ()> {
     PORTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A group of one on loopback, on a free port.
+fn single_rank_env() -> DistEnv {
+    DistEnv {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -336,13 +347,7 @@ fn nccl_two_ranks_equal_one_process() {
 #[ignore = "needs a CUDA GPU; run by scripts/gpu_check_nccl.sh"]
 fn nccl_single_rank_group() {
     let _ports = ports();
-    let env = DistEnv {
-        rank: 0,
-        world_size: 1,
-        local_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: free_port(),
-    };
+    let env = single_rank_env();
     let pg = ProcessGroup::init_for_device(&env, Duration::from_secs(60), Device::Cuda(0)).unwrap();
     assert_eq!(pg.backend(), Backend::Nccl { device: 0 });
     let t = Tensor::from_slice(&[1.0f32, 2.0]).to_device(Device::Cuda(0));
@@ -399,13 +404,7 @@ fn nccl_unavailable_is_a_config_error() {
 #[test]
 fn cpu_device_picks_gloo() {
     let _ports = ports();
-    let env = DistEnv {
-        rank: 0,
-        world_size: 1,
-        local_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: free_port(),
-    };
+    let env = single_rank_env();
     let pg = ProcessGroup::init_for_device(&env, Duration::from_secs(20), Device::Cpu).unwrap();
     assert_eq!(pg.backend(), Backend::Gloo);
     let t = Tensor::from_slice(&[3.0f32]);
@@ -481,13 +480,7 @@ fn env_parsing() {
 #[test]
 fn single_rank_group() {
     let _ports = ports();
-    let env = DistEnv {
-        rank: 0,
-        world_size: 1,
-        local_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: free_port(),
-    };
+    let env = single_rank_env();
     let pg = ProcessGroup::init(&env, Duration::from_secs(20)).unwrap();
     let t = Tensor::from_slice(&[1.0f32, 2.0]);
     pg.all_reduce_sum(&t).unwrap();
@@ -552,13 +545,7 @@ fn resume_with_the_same_world_size() {
 #[test]
 fn overlap_starts_buckets_during_backward() {
     let _ports = ports();
-    let env = DistEnv {
-        rank: 0,
-        world_size: 1,
-        local_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: free_port(),
-    };
+    let env = single_rank_env();
     let group = Arc::new(ProcessGroup::init(&env, Duration::from_secs(20)).unwrap());
     let sync = GradSync::new(group, 1); // one tensor per bucket
     let leaf = |v: &[f32]| Tensor::from_slice(v).set_requires_grad(true);

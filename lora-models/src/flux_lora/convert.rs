@@ -52,7 +52,6 @@ use lora_core::ModelPart;
 use regex::Regex;
 use tch::{Kind, Tensor};
 
-use super::file::write_safetensors;
 use crate::{Error, Result};
 
 /// How a BFL module maps onto diffusers modules.
@@ -637,5 +636,5 @@ pub fn save_flux_lora(
             }
         }
     }
-    write_safetensors(path.as_ref(), &tensors, kind, metadata)
+    lora_core::io::write_safetensors(path.as_ref(), &tensors, kind, metadata)
 }

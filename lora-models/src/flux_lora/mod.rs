@@ -11,7 +11,6 @@
 //!   ([`lora_core::io::AdapterFile::apply`]).
 
 mod convert;
-mod file;
 mod targets;
 
 pub use convert::{
